@@ -1,0 +1,1 @@
+"""organtrain: one image classifier per organ, trained for all organs at once."""

@@ -1,0 +1,7 @@
+"""`python -m organtrain` is the `organtrain` command."""
+
+import sys
+
+from organtrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""The `organtrain` command line: `organtrain demo | synth | prepare`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from organtrain.config import RunConfig, load_config
+from organtrain.errors import OrgantrainError
+
+log = logging.getLogger("organtrain")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    try:
+        args.run(args)
+    except OrgantrainError as err:
+        print(f"organtrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("organtrain: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="organtrain", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the whole pipeline on synthetic data, locally")
+    _add_config_args(demo, default="jobs/demo.yaml")
+    demo.set_defaults(run=_run_demo)
+
+    synth = commands.add_parser("synth", help="write a synthetic histology-like image tree")
+    synth.add_argument(
+        "--out", required=True, help="folder to write <organ>/<diagnosis>/*.png into"
+    )
+    synth.add_argument("--images-per-diagnosis", type=int, default=60)
+    synth.add_argument("--image-size", type=int, default=64, help="pixels (square)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth.set_defaults(run=_run_synth)
+
+    prep = commands.add_parser(
+        "prepare", help="scan an image tree into a manifest, split and shards"
+    )
+    prep.add_argument(
+        "source", nargs="?", help="folder or s3://bucket/prefix (default: prepare.source)"
+    )
+    prep.add_argument(
+        "--dest", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
+    )
+    prep.add_argument("--dataset", help="dataset name (default: prepare.dataset)")
+    _add_config_args(prep, default=None)
+    prep.set_defaults(run=_run_prepare)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--config", default=default, help="run configuration YAML (see jobs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set prepare.test_fraction=0.2 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_synth(args) -> None:
+    from organtrain.data.synth import write_synthetic_tree
+
+    n = write_synthetic_tree(
+        args.out,
+        images_per_diagnosis=args.images_per_diagnosis,
+        image_size=args.image_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {n} images under {args.out}")
+
+
+def _run_prepare(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    changes = {k: v for k, v in (("source", args.source), ("dataset", args.dataset)) if v}
+    cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, **changes))
+    if args.dest:
+        cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=args.dest))
+    _prepare(cfg, progress=not args.no_progress)
+
+
+def _run_demo(args) -> None:
+    from organtrain.data.synth import write_synthetic_tree
+
+    cfg = load_config(args.config, args.overrides)
+    s = cfg.synth
+    log.info("1/2 synth: writing synthetic images under %s", s.out)
+    write_synthetic_tree(
+        s.out, organs=s.organs, images_per_diagnosis=s.images_per_diagnosis,
+        image_size=s.image_size, seed=s.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    log.info("2/2 prepare: %s -> %s", cfg.prepare.source, cfg.storage.uri)
+    _prepare(cfg, progress=not args.no_progress)
+
+
+def _prepare(cfg: RunConfig, *, progress: bool) -> None:
+    from organtrain.data.prepare import prepare
+    from organtrain.storage import open_storage
+
+    def storage(uri):
+        return open_storage(uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+    result = prepare(
+        storage(cfg.prepare.source), storage(cfg.storage.uri), cfg.prepare, progress=progress
+    )
+    state = "written" if result.created else "unchanged, nothing written"
+    print(f"dataset {result.dataset} version {result.version} ({state})")
+    print(f"  {result.uri}")
+    organs = len(result.organs)
+    print(f"  {result.images} images in {organs} organ(s); {result.rejected} file(s) rejected")
+    for organ, diagnoses in result.organs.items():
+        print(f"  {organ}: {', '.join(diagnoses)}")
+    for item in result.excluded:
+        print(f"  left out: {item['reason']}")
+    if result.rejected:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(result.rejected_reasons.items()))
+        print(f"  rejected: {reasons}; rejected.parquet in the version folder lists each file")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Typed run configuration, loaded from YAML files in `jobs/`.
+
+A run configuration is plain data: nested dataclasses with commented defaults. Loading is
+strict, because a typo in a nightly job should fail at once rather than silently train
+with a default: unknown keys, wrong types and impossible values are errors that name the
+field and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from organtrain.errors import ConfigError
+
+
+class FieldError(ValueError):
+    """Raised by `__post_init__` checks; the loader adds the field path and the file."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field_name = field_name
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise FieldError(field_name, message)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where datasets, runs and models live."""
+
+    uri: str = "demo-output/store"  # a local folder, or s3://bucket/prefix
+    # S3-compatible endpoint (SeaweedFS, MinIO, Ceph, ...). None: the standard
+    # AWS_ENDPOINT_URL variable, else AWS itself. Credentials never go here: they come
+    # from the standard AWS chain (environment, ~/.aws, instance or pod identity).
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    def __post_init__(self):
+        _require(bool(self.uri.strip()), "uri", "must name a folder or an s3://bucket/prefix")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The synthetic histology-like image tree used by the demo and the tests."""
+
+    out: str = "demo-output/source"  # a local folder; written as <organ>/<diagnosis>/*.png
+    # organ -> diagnoses; None: every organ the generator knows (lung, colon, blood)
+    organs: dict[str, list[str]] | None = None
+    images_per_diagnosis: int = 60
+    image_size: int = 64  # pixels, square
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.images_per_diagnosis >= 1, "images_per_diagnosis", "must be at least 1")
+        _require(self.image_size >= 16, "image_size", "must be at least 16 pixels")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Scan → manifest → split → TFRecord shards."""
+
+    source: str = (
+        "demo-output/source"  # a local folder or s3://bucket/prefix of <organ>/<diagnosis>/
+    )
+    dataset: str = "demo"  # written to <storage>/datasets/<dataset>/<version>/
+    # Fractions of each diagnosis, decided by content hash. Changing val_fraction moves
+    # images only between train and validation; the test set depends on test_fraction only.
+    test_fraction: float = 0.15
+    val_fraction: float = 0.15
+    # A diagnosis with fewer images (or with an empty split) is left out and reported.
+    min_images_per_diagnosis: int = 10
+    # Larger images are downscaled (aspect kept) before sharding; 0 keeps full size.
+    max_image_side: int = 256
+    images_per_shard: int = 1024  # ~100 MB per shard for 256 px PNGs
+    encoding: str = "png"  # png (lossless) or jpeg (smaller, faster to decode)
+    jpeg_quality: int = 95
+    workers: int = 8  # threads reading, checking and re-encoding images
+
+    def __post_init__(self):
+        _require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be between 0 and 1")
+        _require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be between 0 and 1")
+        _require(
+            self.test_fraction + self.val_fraction < 1.0,
+            "val_fraction",
+            f"test_fraction + val_fraction = {self.test_fraction + self.val_fraction:g} "
+            "leaves no training images; keep the sum below 1",
+        )
+        _require(self.min_images_per_diagnosis >= 2, "min_images_per_diagnosis", "must be >= 2")
+        _require(self.max_image_side >= 0, "max_image_side", "must be >= 0 (0 keeps full size)")
+        _require(self.images_per_shard >= 1, "images_per_shard", "must be at least 1")
+        _require(self.encoding in ("png", "jpeg"), "encoding", "must be 'png' or 'jpeg'")
+        _require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be between 1 and 100")
+        _require(self.workers >= 1, "workers", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of organtrain: what to read, where to write, how to train."""
+
+    name: str = "demo"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Load a RunConfig from a YAML file (None: the built-in defaults).
+
+    `overrides` are `section.field=value` strings (the value parsed as YAML), applied on top
+    of the file, as launchers pass them: `prepare.test_fraction=0.2`.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for override in overrides:
+        _apply_override(data, override)
+    return from_dict(RunConfig, data, source=source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, not a list")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    dotted, sep, raw = override.partition("=")
+    if not sep or not dotted.strip():
+        raise ConfigError(f"override {override!r}: write it as section.field=value")
+    *parents, leaf = dotted.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def from_dict(cls: type, data: Any, *, source: str, path: str = ""):
+    """Build dataclass `cls` from `data`, checking every key and type against its fields."""
+    where = path or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        raise ConfigError(_unknown_key_message(source, path, unknown[0], list(fields)))
+    hints = typing.get_type_hints(cls)
+    values = {
+        name: _convert(hints[name], value, source=source, path=_join(path, name))
+        for name, value in data.items()
+    }
+    try:
+        return cls(**values)
+    except FieldError as err:
+        raise ConfigError(f"{source}: {_join(path, err.field_name)} {err}") from None
+
+
+def _convert(hint: Any, value: Any, *, source: str, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, source=source, path=path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _convert(inner, value, source=source, path=path)
+    if origin is list:
+        _expect(isinstance(value, list), "a list", value, source, path)
+        return [
+            _convert(args[0], v, source=source, path=f"{path}[{i}]") for i, v in enumerate(value)
+        ]
+    if origin is dict:
+        _expect(isinstance(value, dict), "a mapping", value, source, path)
+        return {
+            _convert(args[0], k, source=source, path=path): _convert(
+                args[1], v, source=source, path=f"{path}.{k}"
+            )
+            for k, v in value.items()
+        }
+    if hint is float:
+        # YAML reads `1` as an int; a float field accepts it, but never a bool.
+        _expect(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            "a number",
+            value,
+            source,
+            path,
+        )
+        return float(value)
+    if hint is int:
+        _expect(
+            isinstance(value, int) and not isinstance(value, bool),
+            "an integer",
+            value,
+            source,
+            path,
+        )
+        return value
+    if hint is bool:
+        _expect(isinstance(value, bool), "true or false", value, source, path)
+        return value
+    if hint is str:
+        _expect(isinstance(value, str), "a string", value, source, path)
+        return value
+    raise TypeError(f"config field {path}: unsupported type {hint!r}")  # a bug in this module
+
+
+def _expect(ok: bool, wanted: str, value: Any, source: str, path: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {path} must be {wanted}, got {value!r}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _unknown_key_message(source: str, path: str, key: str, valid: list[str]) -> str:
+    guess = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"did you mean {_join(path, guess[0])!r}? " if guess else ""
+    return (
+        f"{source}: unknown key {_join(path, str(key))!r}; {hint}"
+        f"valid keys{' in ' + path if path else ''}: {', '.join(valid)}"
+    )

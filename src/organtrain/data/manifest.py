@@ -1,0 +1,76 @@
+"""The manifest and rejected tables: their schemas and Parquet encoding."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from organtrain.data.scan import Rejection
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One row of manifest.parquet: one source image that is part of the dataset."""
+
+    key: str  # relative to the source root
+    organ: str
+    diagnosis: str
+    label: int  # index into the organ's sorted diagnoses
+    sha256: str  # of the source file's bytes; decides the split
+    width: int  # of the source image
+    height: int
+    mode: str  # Pillow mode of the source image
+    bytes: int  # size of the source file
+    split: str  # train | val | test
+    duplicate_of: str | None  # key of the identical image whose record is in the shards
+    shard: str  # the shard key holding this image's record
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("organ", pa.string()),
+        ("diagnosis", pa.string()),
+        ("label", pa.int32()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mode", pa.string()),
+        ("bytes", pa.int64()),
+        ("split", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("organ", pa.string()),
+        ("diagnosis", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def manifest_table(rows: Sequence[ImageRow]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(r) for r in rows], schema=MANIFEST_SCHEMA)
+
+
+def rejected_table(rows: Sequence[Rejection]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(r) for r in rows], schema=REJECTED_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def read_parquet(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))

@@ -1,0 +1,41 @@
+"""One storage interface over a local folder (the default) and s3:// (boto3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from organtrain.errors import StorageError
+from organtrain.storage.base import ObjectInfo, Storage, sha256_bytes, sha256_file
+from organtrain.storage.keys import join_key, key_part_problem, validate_key
+from organtrain.storage.local import LocalStorage
+from organtrain.storage.s3 import S3Storage, parse_s3_uri
+
+__all__ = [
+    "LocalStorage",
+    "ObjectInfo",
+    "S3Storage",
+    "Storage",
+    "join_key",
+    "key_part_problem",
+    "open_storage",
+    "sha256_bytes",
+    "sha256_file",
+    "validate_key",
+]
+
+
+def open_storage(
+    uri: str | Path, *, endpoint_url: str | None = None, region: str | None = None
+) -> Storage:
+    """Storage for `uri`: `s3://bucket/prefix`, `file:///path` or a plain local path."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(text)
+        return S3Storage(bucket, prefix, endpoint_url=endpoint_url, region=region)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        raise StorageError(
+            f"{text!r}: unsupported storage scheme; use a local path or s3://bucket/prefix"
+        )
+    return LocalStorage(text)
