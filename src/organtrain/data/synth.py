@@ -13,8 +13,9 @@ Design rules that keep the data set honest:
   (scatter, lining of gland lumens, sheets), or parasites vs platelets in blood.
 * Classes are not separable by mean colour: every image draws its nuclear stain mass,
   white-space fraction and eosin amount from the same ranges whatever its diagnosis, and
-  the drawn maps are rescaled to hit those targets; per-image stain strength, stain hue,
-  background brightness and noise then vary far more than any residual class difference.
+  the drawn maps are rescaled so they pass the light those amounts would; per-image stain
+  strength, stain hue, background brightness and noise then vary far more than any
+  residual class difference.
 * Every image has its own random generator seeded from (seed, organ, diagnosis, index)
   with zlib.crc32, so files are byte-identical between runs and do not depend on which
   organs were requested.
@@ -25,8 +26,8 @@ Geometry below is given in pixels of a 64-px image; `_Canvas.k` scales it, so a 
 
 from __future__ import annotations
 
+import numbers
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-MIN_IMAGE_SIZE = 16
+_MIN_IMAGE_SIZE = 16
 
 # Optical densities per unit stain (R, G, B). Two published references span the range
 # between labs: Ruifrok & Johnston's and the Macenko reference matrix. Each image mixes
@@ -48,8 +49,11 @@ _E_AMOUNT = 0.9
 
 # Shared per-image ranges. Every diagnosis of an organ draws from the same ones: that is
 # what keeps mean colour uninformative (see the module docstring).
-_NUCLEAR_MASS = (0.07, 0.15)  # fully dark nucleus area, as a fraction of the image
-_LUMEN_FRACTION = (0.12, 0.30)  # white space (alveoli, gland lumens, clefts)
+_NUCLEAR_MASS = (0.07, 0.15)  # fully dark nucleus area per image area (tissue only)
+# Fraction of the image covered by the organ's structures: white space (alveoli, gland
+# lumens, clefts) in tissue, red cells in blood. Per organ, because each organ's benign
+# architecture limits how much white space fits (crypts need thick epithelium around them).
+_STRUCTURE_FRACTION = {"lung": (0.14, 0.28), "colon": (0.07, 0.17), "blood": (0.35, 0.65)}
 _EOSIN_LEVEL = (0.40, 0.70)  # mean eosin density of the tissue that is not white space
 _STAIN_STRENGTH = (0.6, 1.4)  # per image, separately for H and E
 
@@ -155,9 +159,8 @@ class _Canvas:
         self.hdraw, self.edraw = ImageDraw.Draw(self.h), ImageDraw.Draw(self.e)
         self.mdraw = ImageDraw.Draw(self.mask)
         self.structures: list[np.ndarray] = []  # outlines of lumens or red cells
-        self.h_target = 0.0  # hematoxylin mass the finished image should carry
-        self.e_target: float | None = None  # mean eosin density; None keeps what was drawn
-        self.white = 0.0  # fraction of white space, once the structures are placed
+        self.h_target = 0.0  # hematoxylin mass (canvas pixels of full density) to draw
+        self.e_target: float | None = None  # light through the eosin; None keeps what was drawn
 
     def mask_fraction(self) -> float:
         return float(np.asarray(self.mask).mean()) / 255.0
@@ -200,12 +203,37 @@ class _Canvas:
         e = np.asarray(self.e.filter(blur).reduce(2), dtype=np.float32) / 255.0
         e = e * (1.0 - 0.7 * np.clip(h, 0.0, 1.0))  # nuclei displace cytoplasm
         if self.h_target > 0 and h.sum() > 0:
-            # Pin the stain mass to the shared target so mean colour cannot tell classes apart.
-            mass = self.h_target / 4.0  # canvas pixels -> output pixels
-            h *= float(np.clip(mass / h.sum(), 0.6, 1.6))
-        if self.e_target is not None and e.mean() > 0:
-            e *= float(np.clip(self.e_target / e.mean(), 0.5, 2.0))
+            # Light through ideal, fully dark nuclei covering the target fraction.
+            covered = self.h_target / (self.size * self.size)
+            h = _match_light(h, 1.0 - covered * (1.0 - np.exp(-_H_LIGHT)), _H_LIGHT)
+        if self.e_target is not None and e.sum() > 0:
+            e = _match_light(e, self.e_target, _E_LIGHT)
         return h, e
+
+
+# Typical optical density of one unit of stain in the green channel, which both stains
+# darken most. _match_light pins the light transmitted through that much stain.
+_H_LIGHT = _H_AMOUNT * 0.7
+_E_LIGHT = _E_AMOUNT * 0.9
+
+
+def _match_light(density: np.ndarray, target: float, od: float) -> np.ndarray:
+    """`density` scaled so that mean(exp(-od * density)) equals `target` (scale 0.5-2).
+
+    Why light rather than stain mass: mean colour is the mean of exp(-density), which
+    also depends on how the stain is spread (Jensen's inequality). Crowded dark nuclei or
+    debris-filled lumens transmit more light than the same stain spread thinly, so
+    pinning the mass alone would leave a class-dependent mean colour. The transmission
+    is monotonic in the scale, so a bisection finds it.
+    """
+    lo, hi = np.log(0.5), np.log(2.0)
+    for _ in range(14):
+        mid = 0.5 * (lo + hi)
+        if float(np.exp(-od * np.exp(mid) * density).mean()) > target:
+            lo = mid  # too much light: more stain
+        else:
+            hi = mid
+    return density * float(np.exp(0.5 * (lo + hi)))
 
 
 # --- building blocks shared by the recipes -------------------------------------------
@@ -244,12 +272,16 @@ def _place_structures(
 
     Used for alveoli, gland lumens, clefts and red cells. `gap` keeps septa or epithelium
     between neighbours; the last one is shrunk so the covered fraction lands near the
-    target, which is drawn from the same range for every diagnosis of an organ.
+    target, which is drawn from the same range for every diagnosis of an organ. When the
+    canvas is too full to fit another one, the gap shrinks step by step (crowded glands)
+    rather than leaving this class with less white space than the others.
     """
     rng, k, size = cv.rng, cv.k, cv.size
-    centres: list[tuple[float, float, float]] = []
+    cx, cy, cr = np.empty(0), np.empty(0), np.empty(0)
+    covered = cv.mask_fraction()  # measured only after a placement: rejections change nothing
+    misses = 0
     for _ in range(max_tries):
-        deficit = target - cv.mask_fraction()
+        deficit = target - covered
         if deficit < 0.01:
             break
         asp = rng.uniform(*aspect)
@@ -258,19 +290,55 @@ def _place_structures(
         if r < radius[0] * k * 0.5:
             break
         x, y = rng.uniform(-0.1 * size, 1.1 * size, 2)
-        if any(np.hypot(x - cx, y - cy) < overlap * (r + cr) + gap * k for cx, cy, cr in centres):
+        room = overlap * (r + cr) + gap * k * 0.8 ** (misses // 25)
+        if np.any(np.hypot(x - cx, y - cy) < room):
+            misses += 1
             continue
-        centres.append((x, y, r))
-        poly = _blobs(
-            rng,
-            *(np.array([v]) for v in (x, y, r, r * asp)),
-            np.array([rng.uniform(0, np.pi)]),
-            np.array([irregularity]),
-        )[0]
-        cv.structures.append(poly)
-        cv.polygon(cv.mdraw, poly, 255)
-        cv.polygon(cv.edraw, poly, e_fill)
-    cv.white = cv.mask_fraction()
+        cx, cy, cr = np.append(cx, x), np.append(cy, y), np.append(cr, r)
+        _add_structure(cv, x, y, r, asp, irregularity, e_fill)
+        covered = cv.mask_fraction()
+
+
+def _add_structure(
+    cv: _Canvas, x: float, y: float, r: float, aspect: float, irregularity: float, e_fill: float
+) -> None:
+    """One lumen or red cell: an irregular ellipse on the mask, painted `e_fill` on E."""
+    args = (np.array([v]) for v in (x, y, r, r * aspect, cv.rng.uniform(0, np.pi), irregularity))
+    poly = _blobs(cv.rng, *args)[0]
+    cv.structures.append(poly)
+    cv.polygon(cv.mdraw, poly, 255)
+    cv.polygon(cv.edraw, poly, e_fill)
+
+
+def _place_lattice(
+    cv: _Canvas,
+    target: float,
+    radius: tuple[float, float],
+    aspect: tuple[float, float],
+    irregularity: float,
+    jitter: float = 0.06,
+) -> None:
+    """Lumens on a jittered hexagonal grid whose spacing makes them cover `target`.
+
+    Evenly spaced crypts ("test-tube rack") are a hallmark of benign colon mucosa, and the
+    grid packs them densely enough to reach the shared white-space target with a thick
+    epithelium around each, which random placement cannot.
+    """
+    rng, k, size = cv.rng, cv.k, cv.size
+    mean_area = np.pi * (np.mean(radius) * k) ** 2 * np.mean(aspect)
+    spacing = np.sqrt(mean_area / (target * np.sqrt(3) / 2))
+    reach = int(np.ceil(size / spacing)) + 2
+    ii, jj = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1))
+    gx, gy = (ii + 0.5 * (jj % 2)) * spacing, jj * spacing * np.sqrt(3) / 2
+    angle = rng.uniform(0, np.pi)
+    c, s = np.cos(angle), np.sin(angle)
+    x = size / 2 + c * gx - s * gy + rng.uniform(0, spacing)
+    y = size / 2 + s * gx + c * gy + rng.uniform(0, spacing)
+    x, y = (v.ravel() + rng.normal(0, jitter * spacing, v.size) for v in (x, y))
+    margin = (radius[1] + 1) * k
+    on = (x > -margin) & (x < size + margin) & (y > -margin) & (y < size + margin)
+    for cx, cy in zip(x[on], y[on], strict=True):
+        _add_structure(cv, cx, cy, rng.uniform(*radius) * k, rng.uniform(*aspect), irregularity, 0)
 
 
 def _nuclei_at(cv: _Canvas, x: np.ndarray, y: np.ndarray, theta: np.ndarray, s: _Shape) -> _Nuclei:
@@ -367,7 +435,7 @@ class _Budget:
     """Per-image amounts drawn from ranges shared by all diagnoses (see module docstring)."""
 
     nuclear_mass: float
-    lumen_fraction: float
+    structure_fraction: float
     eosin_level: float
 
 
@@ -378,14 +446,18 @@ def _tissue(cv: _Canvas, budget: _Budget, fibres: int = 10) -> None:
 
 
 def _end_tissue(cv: _Canvas, budget: _Budget) -> None:
-    """Eosin target: the shared level over whatever is not white space."""
-    cv.e_target = budget.eosin_level * (1.0 - cv.white)
+    """Eosin target: the light through the shared white-space fraction and eosin level.
+
+    Computed from the budget, not from what was drawn, so it is the same for every class.
+    """
+    white = budget.structure_fraction
+    cv.e_target = white + (1.0 - white) * float(np.exp(-_E_LIGHT * budget.eosin_level))
 
 
 def _lung_benign(cv: _Canvas, b: _Budget) -> None:
     """Alveoli: large thin-walled air spaces; small flat nuclei on septa, many lymphocytes."""
     _tissue(cv, b, fibres=4)
-    _place_structures(cv, b.lumen_fraction, (7, 12), (0.6, 1.0), 0.2, gap=2.5)
+    _place_structures(cv, b.structure_fraction, (7, 12), (0.6, 1.0), 0.2, gap=2.5)
     flat = _Shape((1.9, 2.7), (0.35, 0.5), (0.05, 0.15), fill=(200, 250))
     round_ = _Shape((1.1, 1.6), (0.85, 1.0), (0.0, 0.08), fill=(230, 255))
     _fill_nuclei(
@@ -404,9 +476,9 @@ def _lung_benign(cv: _Canvas, b: _Budget) -> None:
 def _lung_adenocarcinoma(cv: _Canvas, b: _Budget) -> None:
     """Acinar glands: many small lumens ringed by enlarged, vesicular, radial nuclei."""
     _tissue(cv, b)
-    _place_structures(cv, b.lumen_fraction, (5, 8), (0.5, 1.0), 0.2, gap=7)
+    _place_structures(cv, b.structure_fraction, (6, 10), (0.5, 1.0), 0.2, gap=7)
     gland = _Shape(
-        (2.0, 2.8),
+        (2.4, 3.2),
         (0.5, 0.7),
         (0.12, 0.28),
         fill=(210, 255),
@@ -431,7 +503,7 @@ def _lung_adenocarcinoma(cv: _Canvas, b: _Budget) -> None:
 def _lung_squamous(cv: _Canvas, b: _Budget) -> None:
     """Sheets of large pleomorphic hyperchromatic cells, clefts and keratin pearls."""
     _tissue(cv, b, fibres=4)
-    _place_structures(cv, b.lumen_fraction, (6, 13), (0.15, 0.35), 0.3, gap=3, overlap=0.5)
+    _place_structures(cv, b.structure_fraction, (6, 13), (0.15, 0.35), 0.3, gap=3, overlap=0.5)
     _keratin_pearls(cv, int(cv.rng.integers(0, 3)))
     sheet = _Shape((2.6, 4.2), (0.6, 1.0), (0.25, 0.45), fill=(225, 255), halo=1.9, halo_fill=200)
     _fill_nuclei(cv, lambda n: _scatter(cv, n, sheet))
@@ -453,9 +525,9 @@ def _keratin_pearls(cv: _Canvas, count: int) -> None:
 def _colon_benign(cv: _Canvas, b: _Budget) -> None:
     """Regular round crypts lined by one tidy layer of small basal nuclei, goblet pallor."""
     _tissue(cv, b)
-    _place_structures(cv, b.lumen_fraction, (3.0, 5.0), (0.8, 1.0), 0.06, gap=9)
+    _place_lattice(cv, b.structure_fraction, (3.0, 5.0), (0.8, 1.0), 0.06)
     for poly in cv.structures:  # pale mucin-filled goblet cells around each lumen
-        cv.polygon(cv.edraw, _scaled(poly, 1.8), 60)
+        cv.polygon(cv.edraw, _scaled(poly, 1.8), 90)
         cv.polygon(cv.edraw, poly, 0)
     crypt = _Shape((1.6, 2.0), (0.45, 0.6), (0.02, 0.08), fill=(215, 245))
     lymph = _Shape((1.0, 1.4), (0.85, 1.0), (0.0, 0.08), fill=(230, 255))
@@ -475,7 +547,7 @@ def _colon_benign(cv: _Canvas, b: _Budget) -> None:
 def _colon_adenocarcinoma(cv: _Canvas, b: _Budget) -> None:
     """Irregular crowded glands, stratified large cigar nuclei, dirty necrosis in lumens."""
     _tissue(cv, b)
-    _place_structures(cv, b.lumen_fraction, (2.5, 8), (0.35, 1.0), 0.35, gap=3.5)
+    _place_structures(cv, b.structure_fraction, (2.5, 8), (0.35, 1.0), 0.35, gap=3.5)
     for poly in cv.structures:
         if cv.rng.random() < 0.6:
             _necrosis(cv, poly)
@@ -497,7 +569,7 @@ def _colon_adenocarcinoma(cv: _Canvas, b: _Budget) -> None:
 def _necrosis(cv: _Canvas, poly: np.ndarray) -> None:
     """Pink debris with nuclear dust inside a lumen ("dirty necrosis")."""
     rng, k = cv.rng, cv.k
-    cv.polygon(cv.edraw, _scaled(poly, 0.8), 90)
+    cv.polygon(cv.edraw, _scaled(poly, 0.7), 60)
     lo, hi = poly.min(axis=0), poly.max(axis=0)
     for x, y in rng.uniform(lo, hi, (int(rng.integers(2, 6)), 2)):
         r = rng.uniform(0.4, 0.9) * k
@@ -509,14 +581,15 @@ def _blood(cv: _Canvas, b: _Budget, parasitized: bool) -> None:
 
     Both classes get the same number of purple objects (and so about the same stain):
     in parasitized films most are ring-form parasites inside red cells, in uninfected
-    films they are platelets, mostly in the plasma but some lying on top of a cell.
+    films they are platelets, mostly in the plasma but some (30 %) lying on top of a cell.
     """
     rng, k = cv.rng, cv.k
     field = 0.05 + 0.03 * _smooth_noise(rng, cv.size, 4)  # faintly pink plasma
     cv.e.paste(Image.fromarray((field * 255).astype(np.uint8)))
-    cover = 0.25 + 0.5 * b.lumen_fraction / _LUMEN_FRACTION[1]
     fill = rng.uniform(150, 200)
-    _place_structures(cv, cover, (6.5, 8.5), (0.85, 1.0), 0.04, gap=0, e_fill=fill, overlap=0.75)
+    _place_structures(
+        cv, b.structure_fraction, (6.5, 8.5), (0.85, 1.0), 0.04, gap=0, e_fill=fill, overlap=0.75
+    )
     for poly in cv.structures:  # biconcave discs: pale centre
         cv.polygon(cv.edraw, _scaled(poly, rng.uniform(0.35, 0.5)), fill * 0.55)
     objects = int(rng.integers(2, 7))
@@ -524,18 +597,27 @@ def _blood(cv: _Canvas, b: _Budget, parasitized: bool) -> None:
     for _ in range(rings):
         _ring_form(cv)
     for _ in range(objects - rings):
-        _platelet(cv, on_cell=rng.random() < 0.35)
-    cv.h_target = objects * 14.0 * k * k * rng.uniform(0.8, 1.25)
+        _platelet(cv, on_cell=rng.random() < 0.3)
+    # ~12 px of full density per object: what a ring or a platelet draws on average.
+    cv.h_target = objects * 12.0 * k * k * rng.uniform(0.8, 1.25)
 
 
 def _ring_form(cv: _Canvas) -> None:
     """A ring-stage parasite: thin purple ring with one or two chromatin dots, in a cell."""
     rng, k = cv.rng, cv.k
-    cell = cv.structures[int(rng.integers(len(cv.structures)))]
+    # Only cells whose centre is in view: a parasite in a cell cut by the edge could be lost.
+    cells = [
+        c
+        for c in cv.structures
+        if np.all((c.mean(axis=0) > 4 * k) & (c.mean(axis=0) < cv.size - 4 * k))
+    ]
+    if not cells:
+        return
+    cell = cells[int(rng.integers(len(cells)))]
     centre = cell.mean(axis=0)
     cell_r = np.linalg.norm(cell - centre, axis=1).mean()
     ang = rng.uniform(0, 2 * np.pi)
-    r = rng.uniform(2.0, 2.8) * k
+    r = rng.uniform(2.2, 3.0) * k
     x, y = centre + rng.uniform(0, max(cell_r - r - k, 0)) * np.array([np.cos(ang), np.sin(ang)])
     ry = r * rng.uniform(0.75, 1.0)
     width = max(1, round(rng.uniform(0.8, 1.1) * k))
@@ -544,7 +626,7 @@ def _ring_form(cv: _Canvas) -> None:
     )
     for _ in range(int(rng.integers(1, 3))):
         t = rng.uniform(0, 2 * np.pi)
-        dx, dy, d = x + r * np.cos(t), y + ry * np.sin(t), rng.uniform(0.7, 1.0) * k
+        dx, dy, d = x + r * np.cos(t), y + ry * np.sin(t), rng.uniform(0.9, 1.3) * k
         cv.hdraw.ellipse((dx - d, dy - d, dx + d, dy + d), fill=255)
 
 
@@ -555,9 +637,9 @@ def _platelet(cv: _Canvas, on_cell: bool) -> None:
         x, y = rng.uniform(0, cv.size, 2)
         if bool(cv.in_mask(np.array([x]), np.array([y]))[0]) == on_cell:
             break
-    for _ in range(int(rng.integers(3, 6))):
-        dx, dy = rng.normal(0, 0.8 * k, 2)
-        d = rng.uniform(0.6, 1.1) * k
+    for _ in range(int(rng.integers(4, 8))):
+        dx, dy = rng.normal(0, 0.9 * k, 2)
+        d = rng.uniform(0.7, 1.2) * k
         cv.hdraw.ellipse(
             (x + dx - d, y + dy - d, x + dx + d, y + dy + d), fill=int(rng.uniform(170, 240))
         )
@@ -626,15 +708,21 @@ def _check_names(organ: str, diagnosis: str) -> _Recipe:
     return recipes[diagnosis]
 
 
+def _is_int(value: object) -> bool:
+    """True for ints, numpy ints included; bool is excluded because True is no count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_image_size(image_size: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
-        raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    """Below 16 px a nucleus is under one pixel and the recipes draw nothing meaningful."""
+    if not _is_int(image_size) or image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
 
 
 def render_image(
     organ: str, diagnosis: str, rng: np.random.Generator, image_size: int
 ) -> np.ndarray:
-    """One synthetic image of `organ` with `diagnosis`: uint8 array (image_size, image_size, 3), RGB.
+    """uint8 array (image_size, image_size, 3), RGB: one synthetic image of organ/diagnosis.
 
     Everything random comes from `rng`, so a generator seeded the same way gives the same
     image. Raises ValueError for names without a recipe or an image_size below 16.
@@ -643,7 +731,7 @@ def render_image(
     _check_image_size(image_size)
     budget = _Budget(
         nuclear_mass=rng.uniform(*_NUCLEAR_MASS),
-        lumen_fraction=rng.uniform(*_LUMEN_FRACTION),
+        structure_fraction=rng.uniform(*_STRUCTURE_FRACTION[organ]),
         eosin_level=rng.uniform(*_EOSIN_LEVEL),
     )
     cv = _Canvas(image_size, rng)
@@ -688,15 +776,16 @@ def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
     """Write a PNG under a hidden temporary name, then rename it into place.
 
     A reader (or a crash) never sees a half-written image; the temporary name starts with
-    a dot, which the tree scanner skips.
+    a dot, which the tree scanner skips. A plain open() rather than tempfile.mkstemp keeps
+    the usual umask permissions (mkstemp makes files only their owner can read).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             Image.fromarray(rgb, mode="RGB").save(fh, format="PNG")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -716,16 +805,12 @@ def write_synthetic_tree(
     ValueError before anything is written. Existing files of the same name are replaced.
     """
     wanted = _validated_organs(organs)
-    if (
-        isinstance(images_per_diagnosis, bool)
-        or not isinstance(images_per_diagnosis, int)
-        or images_per_diagnosis < 1
-    ):
+    if not _is_int(images_per_diagnosis) or images_per_diagnosis < 1:
         raise ValueError(
             f"images_per_diagnosis must be an integer >= 1, got {images_per_diagnosis!r}"
         )
     _check_image_size(image_size)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     jobs = [(o, d, i) for o, ds in wanted.items() for d in ds for i in range(images_per_diagnosis)]
     root = Path(out_dir)
