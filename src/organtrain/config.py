@@ -104,6 +104,69 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class InputConfig:
+    """The tf.data input pipeline of one trial."""
+
+    image_size: int = 64  # model input, square pixels; shard images are cropped/resized to it
+    batch_size: int = 32  # per replica: the global batch is batch_size × replicas
+    shuffle_buffer: int = 2048  # images
+    cache_images: bool = True  # keep decoded, resized images in memory after epoch 1
+    cache_dir: str | None = None  # node-local shard cache; None: ~/.cache/organtrain/shards
+
+    def __post_init__(self):
+        _require(self.image_size >= 8, "image_size", "must be at least 8 pixels")
+        _require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _require(self.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Keras' classic ImageDataGenerator knobs, by their familiar names and defaults.
+
+    Applied in-graph to training batches only (validation and test images are only
+    rescaled). Defaults are the values of the classic two-script recipe.
+    """
+
+    rescale: float = 1.0 / 255  # multiply pixel values (0..255) by this
+    rotation_range: float = 30.0  # degrees, uniform in [-r, r]
+    width_shift_range: float = 0.15  # fraction of the width, uniform in [-w, w]
+    height_shift_range: float = 0.15  # fraction of the height
+    horizontal_flip: bool = True
+    vertical_flip: bool = True  # microscope images have no "up"
+    brightness_range: list[float] | None = field(default_factory=lambda: [0.5, 1.5])  # factor
+    zoom_range: float = 0.2  # scale uniform in [1 - z, 1 + z], per axis
+    fill_mode: str = "nearest"  # constant, nearest, reflect or wrap: pixels moved in from outside
+    cval: float = 0.0  # the fill value when fill_mode is constant
+    # Where augmentation runs: "dataset" (tf.data on the CPU), "model" (the first layers of
+    # the training graph, so on the GPU), or "auto" (model when a GPU is visible).
+    placement: str = "auto"
+
+    def __post_init__(self):
+        _require(self.rescale > 0, "rescale", "must be positive (1/255 maps pixels to 0..1)")
+        _require(0 <= self.rotation_range <= 180, "rotation_range", "must be 0..180 degrees")
+        for name in ("width_shift_range", "height_shift_range"):
+            _require(0 <= getattr(self, name) < 1, name, "must be a fraction in [0, 1)")
+        _require(0 <= self.zoom_range < 1, "zoom_range", "must be in [0, 1)")
+        if self.brightness_range is not None:
+            low_high = self.brightness_range
+            _require(
+                len(low_high) == 2 and 0 < low_high[0] <= low_high[1],
+                "brightness_range",
+                "must be [low, high] with 0 < low <= high, or null for none",
+            )
+        _require(
+            self.fill_mode in ("constant", "nearest", "reflect", "wrap"),
+            "fill_mode",
+            "must be one of constant, nearest, reflect, wrap",
+        )
+        _require(
+            self.placement in ("auto", "dataset", "model"),
+            "placement",
+            "must be auto, dataset or model",
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One run of organtrain: what to read, where to write, how to train."""
 
@@ -111,6 +174,8 @@ class RunConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:

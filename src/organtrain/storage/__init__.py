@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from organtrain.errors import StorageError
-from organtrain.storage.base import ObjectInfo, Storage, sha256_bytes, sha256_file
+from organtrain.storage.base import (
+    ObjectInfo,
+    Storage,
+    sha256_bytes,
+    sha256_file,
+    verify_checksum,
+)
 from organtrain.storage.keys import join_key, key_part_problem, validate_key
 from organtrain.storage.local import LocalStorage
 from organtrain.storage.s3 import S3Storage, parse_s3_uri
@@ -21,6 +27,7 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
     "validate_key",
+    "verify_checksum",
 ]
 
 

@@ -30,9 +30,10 @@ class LocalStorage(Storage):
         return str(self.root)
 
     def sub(self, prefix: str) -> LocalStorage:
-        return LocalStorage(self._path(prefix))
+        return LocalStorage(self.path(prefix))
 
-    def _path(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
+        """The local file behind `key`."""
         return self.root.joinpath(*validate_key(key).split("/"))
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
@@ -47,7 +48,7 @@ class LocalStorage(Storage):
 
     def _publish(self, key: str, write, digest: str) -> ObjectInfo:
         """Write into a temporary file beside the target, fsync, then rename over it."""
-        target = self._path(key)
+        target = self.path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}")
@@ -65,7 +66,7 @@ class LocalStorage(Storage):
         return ObjectInfo(key=key, size=target.stat().st_size, sha256=digest)
 
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
-        path = self._path(key)
+        path = self.path(key)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -76,7 +77,7 @@ class LocalStorage(Storage):
         return data
 
     def download(self, key: str, path: str | Path, *, sha256: str | None = None) -> None:
-        source = self._path(key)
+        source = self.path(key)
         if not source.is_file():
             raise ObjectNotFoundError(f"{source} does not exist")
         dest = LocalStorage(Path(path).parent)
@@ -88,7 +89,7 @@ class LocalStorage(Storage):
             raise
 
     def stat(self, key: str) -> ObjectInfo | None:
-        path = self._path(key)
+        path = self.path(key)
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -98,7 +99,7 @@ class LocalStorage(Storage):
         return ObjectInfo(key=key, size=st.st_size, version_tag=str(st.st_mtime_ns))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = self._path(prefix) if prefix else self.root
+        base = self.path(prefix) if prefix else self.root
         found = []
         for dirpath, _dirnames, filenames in os.walk(base):
             for name in filenames:
@@ -111,4 +112,4 @@ class LocalStorage(Storage):
         yield from sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        self.path(key).unlink(missing_ok=True)
