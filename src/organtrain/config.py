@@ -25,8 +25,9 @@ class FieldError(ValueError):
     """Raised by `__post_init__` checks; the loader adds the field path and the file."""
 
     def __init__(self, field_name: str, message: str):
-        super().__init__(message)
+        super().__init__(f"{field_name} {message}")
         self.field_name = field_name
+        self.message = message
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:
@@ -167,6 +168,30 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """Which model to build, by registry name (see organtrain.models)."""
+
+    name: str = "simple_cnn"  # simple_cnn, vgg16, mobilenet_v2
+    # simple_cnn: Conv2D/MaxPooling blocks, then Flatten, Dropout and Dense
+    filters: list[int] = field(default_factory=lambda: [32, 64, 128])  # one block each
+    dense_units: int = 128
+    dropout: float = 0.5
+    batch_norm: bool = False
+    # Transfer learning: "imagenet" (Keras downloads it: needs internet), a path to a
+    # no-top .weights.h5 file (local or s3://, for nodes without internet), or null.
+    weights: str | None = "imagenet"
+    fine_tune_layers: int = 0  # unfreeze this many layers at the top of the pretrained base
+
+    def __post_init__(self):
+        _require(
+            len(self.filters) >= 1 and min(self.filters) >= 1, "filters", "must list positive ints"
+        )
+        _require(self.dense_units >= 1, "dense_units", "must be at least 1")
+        _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _require(self.fine_tune_layers >= 0, "fine_tune_layers", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One run of organtrain: what to read, where to write, how to train."""
 
@@ -176,6 +201,7 @@ class RunConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     input: InputConfig = field(default_factory=InputConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -239,7 +265,7 @@ def from_dict(cls: type, data: Any, *, source: str, path: str = ""):
     try:
         return cls(**values)
     except FieldError as err:
-        raise ConfigError(f"{source}: {_join(path, err.field_name)} {err}") from None
+        raise ConfigError(f"{source}: {_join(path, err.field_name)} {err.message}") from None
 
 
 def _convert(hint: Any, value: Any, *, source: str, path: str) -> Any:
