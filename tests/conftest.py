@@ -7,10 +7,18 @@ import uuid
 from pathlib import Path
 
 import pytest
+from seaweedfs import ACCESS_KEY, SECRET_KEY, find_weed, start_seaweedfs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from seaweedfs import ACCESS_KEY, SECRET_KEY, find_weed, start_seaweedfs
+import tensorflow as tf
+
+# Two logical CPU devices stand in for two GPUs (MirroredStrategy tests). This must run
+# before any TensorFlow op, hence here, when pytest first imports the test package.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,6 +25,14 @@ def test_values_from_yaml_reach_the_dataclasses(tmp_path):
     assert cfg.prepare.val_fraction == 0.15  # untouched fields keep their defaults
 
 
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; people write learning rates that way.
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 1e-3\n"))
+    assert cfg.train.learning_rate == 0.001
+    with pytest.raises(ConfigError, match=r"train\.learning_rate must be a number, got 'fast'"):
+        load_config(write(tmp_path, "train:\n  learning_rate: fast\n"))
+
+
 def test_an_integer_is_accepted_for_a_float_field(tmp_path):
     cfg = load_config(write(tmp_path, "prepare:\n  val_fraction: 0\n"))
     assert cfg.prepare.val_fraction == 0.0

@@ -22,9 +22,16 @@ def test_unknown_name_lists_the_valid_ones():
     assert {"simple_cnn", "vgg16", "mobilenet_v2"} <= set(MODELS)
 
 
-@pytest.mark.parametrize("batch_norm", [False, True])
-def test_simple_cnn_shape_and_options(batch_norm):
-    cfg = ModelConfig(filters=[8, 16], dense_units=16, batch_norm=batch_norm)
+@pytest.mark.parametrize(
+    ("batch_norm", "pooling", "pool_layer"),
+    [
+        (False, "flatten", "Flatten"),
+        (True, "max", "GlobalMaxPooling2D"),
+        (False, "avg", "GlobalAveragePooling2D"),
+    ],
+)
+def test_simple_cnn_shape_and_options(batch_norm, pooling, pool_layer):
+    cfg = ModelConfig(filters=[8, 16], dense_units=16, batch_norm=batch_norm, pooling=pooling)
     model = build_model(cfg, num_classes=3, image_size=SIZE)
     probs = model.predict(
         np.random.uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32"), verbose=0
@@ -34,7 +41,16 @@ def test_simple_cnn_shape_and_options(batch_norm):
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds.count("Conv2D") == 2 and kinds.count("MaxPooling2D") == 2
     assert ("BatchNormalization" in kinds) == batch_norm
-    assert "Rescaling" in kinds and "Flatten" in kinds and "Dropout" in kinds
+    assert "Rescaling" in kinds and pool_layer in kinds and "Dropout" in kinds
+    assert kinds.count("Dense") == 2  # the hidden layer and the classifier
+
+
+def test_simple_cnn_centres_its_input():
+    model = build_model(ModelConfig(), num_classes=2, image_size=SIZE)
+    rescale = model.get_layer(index=1)
+    np.testing.assert_allclose(
+        np.asarray(rescale(np.array([[0.0, 127.5, 255.0]]))), [[-0.5, 0, 0.5]]
+    )
 
 
 @pytest.mark.parametrize(

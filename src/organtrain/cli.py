@@ -1,4 +1,4 @@
-"""The `organtrain` command line: `organtrain demo | synth | prepare`."""
+"""The `organtrain` command line: `organtrain demo | synth | prepare | train`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--dataset", help="dataset name (default: prepare.dataset)")
     _add_config_args(prep, default=None)
     prep.set_defaults(run=_run_prepare)
+
+    train = commands.add_parser("train", help="train one organ's model (resumes if interrupted)")
+    train.add_argument("--organ", required=True, help="organ to train, e.g. lung")
+    train.add_argument(
+        "--run-id", help="results go to <storage>/runs/<run-id>/<organ> (default: name)"
+    )
+    _add_config_args(train, default=None)
+    train.set_defaults(run=_run_train)
     return parser
 
 
@@ -93,30 +101,54 @@ def _run_prepare(args) -> None:
     _prepare(cfg, progress=not args.no_progress)
 
 
+def _run_train(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    _train(cfg, args.organ, run_id=args.run_id or cfg.name, progress=not args.no_progress)
+
+
+def _train(cfg: RunConfig, organ: str, *, run_id: str, progress: bool):
+    from organtrain.train import train_organ
+
+    result = train_organ(
+        cfg, _storage(cfg, cfg.storage.uri), organ, run_id=run_id, verbose=2 if progress else 0
+    )
+    print(
+        f"{organ}: {result.model} test accuracy {result.test_accuracy:.3f}, macro F1 "
+        f"{result.test_macro_f1:.3f} on {result.test_images} test images "
+        f"({result.epochs_run} epochs, best {result.best_epoch}, {result.replicas} replica(s))"
+    )
+    print(f"  {result.uri}")
+    return result
+
+
+def _storage(cfg: RunConfig, uri: str):
+    from organtrain.storage import open_storage
+
+    return open_storage(uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+
 def _run_demo(args) -> None:
     from organtrain.data.synth import write_synthetic_tree
 
     cfg = load_config(args.config, args.overrides)
     s = cfg.synth
-    log.info("1/2 synth: writing synthetic images under %s", s.out)
+    log.info("1/3 synth: writing synthetic images under %s", s.out)
     write_synthetic_tree(
         s.out, organs=s.organs, images_per_diagnosis=s.images_per_diagnosis,
         image_size=s.image_size, seed=s.seed, progress=not args.no_progress,
     )  # fmt: skip
-    log.info("2/2 prepare: %s -> %s", cfg.prepare.source, cfg.storage.uri)
-    _prepare(cfg, progress=not args.no_progress)
+    log.info("2/3 prepare: %s -> %s", cfg.prepare.source, cfg.storage.uri)
+    prepared = _prepare(cfg, progress=not args.no_progress)
+    log.info("3/3 train: one %s per organ", cfg.model.name)
+    for organ in prepared.organs:
+        _train(cfg, organ, run_id=cfg.name, progress=not args.no_progress)
 
 
-def _prepare(cfg: RunConfig, *, progress: bool) -> None:
+def _prepare(cfg: RunConfig, *, progress: bool):
     from organtrain.data.prepare import prepare
-    from organtrain.storage import open_storage
 
-    def storage(uri):
-        return open_storage(uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-
-    result = prepare(
-        storage(cfg.prepare.source), storage(cfg.storage.uri), cfg.prepare, progress=progress
-    )
+    source, dest = _storage(cfg, cfg.prepare.source), _storage(cfg, cfg.storage.uri)
+    result = prepare(source, dest, cfg.prepare, progress=progress)
     state = "written" if result.created else "unchanged, nothing written"
     print(f"dataset {result.dataset} version {result.version} ({state})")
     print(f"  {result.uri}")
@@ -129,6 +161,7 @@ def _prepare(cfg: RunConfig, *, progress: bool) -> None:
     if result.rejected:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(result.rejected_reasons.items()))
         print(f"  rejected: {reasons}; rejected.parquet in the version folder lists each file")
+    return result
 
 
 if __name__ == "__main__":

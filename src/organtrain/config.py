@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,10 +173,14 @@ class ModelConfig:
     """Which model to build, by registry name (see organtrain.models)."""
 
     name: str = "simple_cnn"  # simple_cnn, vgg16, mobilenet_v2
-    # simple_cnn: Conv2D/MaxPooling blocks, then Flatten, Dropout and Dense
-    filters: list[int] = field(default_factory=lambda: [32, 64, 128])  # one block each
-    dense_units: int = 128
-    dropout: float = 0.5
+    # simple_cnn: Conv2D/MaxPooling blocks, pooling, Dropout, Dense
+    filters: list[int] = field(default_factory=lambda: [32, 64, 64])  # one block each
+    # How the last feature map becomes a vector: "max" / "avg" (global pooling: is there such
+    # a structure anywhere / how much of it, which suits tissue, where position means
+    # nothing) or "flatten" (the classic recipe; on the synthetic data it stayed at chance).
+    pooling: str = "max"
+    dense_units: int = 64  # a hidden Dense layer before the classifier; 0 for none
+    dropout: float = 0.3
     batch_norm: bool = False
     # Transfer learning: "imagenet" (Keras downloads it: needs internet), a path to a
     # no-top .weights.h5 file (local or s3://, for nodes without internet), or null.
@@ -186,9 +191,39 @@ class ModelConfig:
         _require(
             len(self.filters) >= 1 and min(self.filters) >= 1, "filters", "must list positive ints"
         )
-        _require(self.dense_units >= 1, "dense_units", "must be at least 1")
+        _require(self.dense_units >= 0, "dense_units", "must be >= 0 (0: no hidden layer)")
+        _require(
+            self.pooling in ("flatten", "max", "avg"), "pooling", "must be flatten, max or avg"
+        )
         _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         _require(self.fine_tune_layers >= 0, "fine_tune_layers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run of one organ's model."""
+
+    epochs: int = 20
+    optimizer: str = "adam"  # adam, sgd or rmsprop
+    learning_rate: float = 1e-3
+    # Stop when val_loss has not improved for this many epochs (0: never stop early); the
+    # weights of the best epoch are the ones evaluated and kept.
+    early_stopping_patience: int = 5
+    seed: int = 0
+    # Replicas when no GPU is visible: MirroredStrategy over this many logical CPU devices
+    # (how tests exercise multi-replica training). With GPUs, every visible GPU is used.
+    cpu_replicas: int = 1
+
+    def __post_init__(self):
+        _require(self.epochs >= 1, "epochs", "must be at least 1")
+        _require(
+            self.optimizer in ("adam", "sgd", "rmsprop"),
+            "optimizer",
+            "must be adam, sgd or rmsprop",
+        )
+        _require(self.learning_rate > 0, "learning_rate", "must be positive")
+        _require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
+        _require(self.cpu_replicas >= 1, "cpu_replicas", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -202,6 +237,7 @@ class RunConfig:
     input: InputConfig = field(default_factory=InputConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -291,6 +327,10 @@ def _convert(hint: Any, value: Any, *, source: str, path: str) -> Any:
             for k, v in value.items()
         }
     if hint is float:
+        # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string: accept
+        # scientific notation written that way, as people write learning rates.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)
         # YAML reads `1` as an int; a float field accepts it, but never a bool.
         _expect(
             isinstance(value, int | float) and not isinstance(value, bool),
@@ -316,6 +356,9 @@ def _convert(hint: Any, value: Any, *, source: str, path: str) -> Any:
         _expect(isinstance(value, str), "a string", value, source, path)
         return value
     raise TypeError(f"config field {path}: unsupported type {hint!r}")  # a bug in this module
+
+
+_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 def _expect(ok: bool, wanted: str, value: Any, source: str, path: str) -> None:

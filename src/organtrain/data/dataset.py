@@ -62,12 +62,21 @@ class DatasetIndex:
     rejected: int = 0
     format: int = FORMAT
 
-    def shards_for(self, organ: str, split: str) -> list[ShardEntry]:
+    def diagnoses(self, organ: str) -> list[str]:
+        """The organ's classes: label i is diagnoses(organ)[i]."""
         if organ not in self.organs:
             raise DataError(
                 f"dataset {self.dataset} version {self.version} has no organ {organ!r}; "
                 f"it has: {', '.join(sorted(self.organs))}"
             )
+        return self.organs[organ].diagnoses
+
+    def split_size(self, organ: str, split: str) -> int:
+        """Images in the organ's shards for `split` (each distinct image once)."""
+        return sum(s.images for s in self.shards_for(organ, split))
+
+    def shards_for(self, organ: str, split: str) -> list[ShardEntry]:
+        self.diagnoses(organ)  # a clear error for an unknown organ
         return [s for s in self.shards if s.organ == organ and s.split == split]
 
     def to_json(self) -> bytes:

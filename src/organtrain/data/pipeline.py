@@ -35,6 +35,7 @@ def shard_files(
 def build_dataset(
     files: list[str],
     *,
+    num_images: int | None = None,
     image_size: int,
     batch_size: int,
     training: bool,
@@ -47,7 +48,9 @@ def build_dataset(
 
     `batch_size` is the global batch: under MirroredStrategy, Keras splits each batch
     across the replicas. `augment` (training only) maps batches, e.g. the in-graph
-    ImageDataGenerator knobs when augmentation runs on the CPU.
+    ImageDataGenerator knobs when augmentation runs on the CPU. `num_images`, when
+    known (the dataset index records it), gives the dataset a length, so Keras knows
+    the steps per epoch.
     """
     ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
@@ -59,6 +62,8 @@ def build_dataset(
         deterministic=not training,  # evaluation order is reproducible; training is shuffled anyway
     )
     ds = ds.map(_decoder(image_size), num_parallel_calls=AUTOTUNE, deterministic=not training)
+    if num_images is not None:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(num_images))
     if cache_images:
         ds = ds.cache()  # after decode and resize: later epochs skip both
     if training:

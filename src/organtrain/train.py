@@ -1,0 +1,215 @@
+"""`organtrain train`: one model for one organ, under MirroredStrategy, resumable.
+
+Everything a trial writes lives under `runs/<run_id>/<organ>/` in the run's storage:
+
+    checkpoint/state.json, checkpoint/epoch-NNNN.keras   while training (see checkpoint.py)
+    model.keras                                           the best epoch's model
+    metrics/{metrics,confusion,history}.parquet           tidy tables (see evaluate.py)
+    plots/{learning_curves,confusion_matrix,roc}.png
+    result.json                                           written last: the trial is done
+
+The test split is opened once, after training, to evaluate the chosen model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from organtrain import evaluate, plots
+from organtrain.augment import augment_in_dataset, build_augmentation, resolve_placement
+from organtrain.checkpoint import DurableCheckpoint, TrainingState, load_checkpoint
+from organtrain.config import RunConfig
+from organtrain.data.dataset import DatasetIndex, load_dataset
+from organtrain.data.manifest import parquet_bytes
+from organtrain.data.pipeline import build_dataset, shard_files
+from organtrain.errors import DataError
+from organtrain.models import build_model
+from organtrain.storage import Storage, join_key
+from organtrain.strategy import make_strategy
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    organ: str
+    model: str
+    dataset: str
+    dataset_version: str
+    classes: list[str]
+    replicas: int  # num_replicas_in_sync
+    global_batch: int  # per-replica batch × replicas
+    epochs_run: int
+    best_epoch: int
+    stopped_early: bool
+    test_accuracy: float
+    test_macro_f1: float
+    test_images: int
+    seconds: float  # wall time of the last (possibly resumed) invocation
+    uri: str
+
+
+def trial_prefix(run_id: str, organ: str) -> str:
+    return join_key("runs", run_id, organ)
+
+
+def train_organ(
+    cfg: RunConfig,
+    storage: Storage,
+    organ: str,
+    *,
+    run_id: str,
+    expected_replicas: int | None = None,
+    verbose: int = 2,
+) -> TrainResult:
+    """Train, or resume training, `organ`'s model; evaluate it once on the test split."""
+    started = time.monotonic()
+    prefix = trial_prefix(run_id, organ)
+    if storage.exists(join_key(prefix, RESULT)):
+        log.info("%s: already finished in run %s; nothing to do", organ, run_id)
+        return TrainResult(**json.loads(storage.get_bytes(join_key(prefix, RESULT))))
+    state = TrainingState.load(storage, prefix)
+    index = load_dataset(storage, cfg.prepare.dataset, state.dataset_version if state else None)
+    classes = index.diagnoses(organ)
+    keras.utils.set_random_seed(cfg.train.seed)
+    strategy = make_strategy(cfg.train.cpu_replicas, expected_replicas)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.input.batch_size * replicas
+    train_ds, val_ds = _datasets(cfg, storage, index, organ, global_batch)
+    if state is None:
+        state = TrainingState(index.version, monitor="val_loss" if val_ds is not None else "loss")
+    log.info(
+        "%s: %s on %d replica(s), global batch %d, from epoch %d of %d",
+        organ, cfg.model.name, replicas, global_batch, state.epoch + 1, cfg.train.epochs,
+    )  # fmt: skip
+    with strategy.scope():
+        model = _model(cfg, storage, prefix, state, len(classes))
+    if state.epoch < cfg.train.epochs and not state.stopped_early:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.train.epochs,
+            initial_epoch=state.epoch,
+            callbacks=[
+                DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience)
+            ],
+            shuffle=False,  # the pipeline shuffles
+            verbose=verbose,
+        )
+    best = load_checkpoint(storage, prefix, state.best)
+    return _finish(cfg, storage, prefix, run_id, organ, index, classes, best, state,
+                   replicas, global_batch, started)  # fmt: skip
+
+
+def _datasets(cfg: RunConfig, storage: Storage, index: DatasetIndex, organ: str, global_batch: int):
+    inp = cfg.input
+    augment = None
+    if resolve_placement(cfg.augment) == "dataset":
+        seed = cfg.train.seed
+
+        def augment(ds):
+            return augment_in_dataset(ds, cfg.augment, seed=seed)
+
+    common = dict(image_size=inp.image_size, batch_size=global_batch, cache_images=inp.cache_images)
+    n = index.split_size(organ, "train")
+    if n < global_batch:
+        raise DataError(
+            f"{organ}: {n} training images cannot fill one global batch of {global_batch}; "
+            "lower input.batch_size or add images"
+        )
+    train = build_dataset(
+        shard_files(storage, index, organ, "train", inp.cache_dir), num_images=n, training=True,
+        seed=cfg.train.seed, shuffle_buffer=inp.shuffle_buffer, augment=augment, **common,
+    )  # fmt: skip
+    val_files = shard_files(storage, index, organ, "val", inp.cache_dir)
+    n = index.split_size(organ, "val")
+    val = build_dataset(val_files, num_images=n, training=False, **common) if val_files else None
+    return train, val
+
+
+def _model(cfg: RunConfig, storage: Storage, prefix: str, state: TrainingState, n_classes: int):
+    """A fresh compiled model, or the last checkpoint (optimizer state included)."""
+    if state.latest:
+        return load_checkpoint(storage, prefix, state.latest)
+    augmentation = None
+    if resolve_placement(cfg.augment) == "model":
+        augmentation = build_augmentation(cfg.augment, seed=cfg.train.seed)
+    model = build_model(
+        cfg.model, num_classes=n_classes, image_size=cfg.input.image_size,
+        rescale=cfg.augment.rescale, augmentation=augmentation,
+    )  # fmt: skip
+    optimizer = keras.optimizers.get(
+        {"class_name": cfg.train.optimizer, "config": {"learning_rate": cfg.train.learning_rate}}
+    )
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def _finish(
+    cfg,
+    storage,
+    prefix,
+    run_id,
+    organ,
+    index,
+    classes,
+    model,
+    state,
+    replicas,
+    global_batch,
+    started,
+):
+    """Evaluate the best model on the test split; publish tables, plots, model, result."""
+    test = build_dataset(
+        shard_files(storage, index, organ, "test", cfg.input.cache_dir),
+        num_images=index.split_size(organ, "test"), image_size=cfg.input.image_size,
+        batch_size=global_batch, training=False, cache_images=False,
+    )  # fmt: skip
+    y_true = np.concatenate([labels.numpy() for _, labels in test])
+    y_prob = model.predict(test, verbose=0)
+    rows = evaluate.evaluate_predictions(y_true, y_prob, classes)
+    ident = dict(run_id=run_id, organ=organ, model=cfg.model.name)
+    matrix = evaluate.confusion(y_true, y_prob.argmax(axis=1), len(classes))
+    out = storage.sub(prefix)
+    tables = {
+        "metrics": evaluate.metrics_table(rows, split="test", **ident),
+        "confusion": evaluate.confusion_table(matrix, classes, split="test", **ident),
+        "history": evaluate.history_table(state.history, **ident),
+    }
+    for name, table in tables.items():
+        out.put_bytes(f"metrics/{name}.parquet", parquet_bytes(table))
+    title = f"{organ} — {cfg.model.name}"
+    out.put_bytes(
+        "plots/learning_curves.png", plots.learning_curves_png(state.history, title=title)
+    )
+    out.put_bytes(
+        "plots/confusion_matrix.png", plots.confusion_matrix_png(matrix, classes, title=title)
+    )
+    points = evaluate.roc_points(y_true, y_prob, classes)
+    out.put_bytes("plots/roc.png", plots.roc_curves_png(points, title=title))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(Path(tmp, "model.keras"))
+        out.put_file("model.keras", Path(tmp, "model.keras"))
+    value = {(r.metric, r.class_name): r.value for r in rows}
+    result = TrainResult(
+        run_id=run_id, organ=organ, model=cfg.model.name, dataset=index.dataset,
+        dataset_version=index.version, classes=list(classes), replicas=replicas,
+        global_batch=global_batch, epochs_run=state.epoch, best_epoch=state.best_epoch,
+        stopped_early=state.stopped_early, test_accuracy=value[("accuracy", None)],
+        test_macro_f1=value[("macro_f1", None)], test_images=len(y_true),
+        seconds=time.monotonic() - started, uri=storage.url(prefix),
+    )  # fmt: skip
+    out.put_bytes(RESULT, json.dumps(asdict(result), indent=2).encode())  # the trial is done
+    log.info("%s: test accuracy %.3f, macro F1 %.3f (%d images)", organ,
+             result.test_accuracy, result.test_macro_f1, result.test_images)  # fmt: skip
+    return result

@@ -1,0 +1,121 @@
+"""One organ, one trial, for real: MirroredStrategy over 2 logical CPUs, resume, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from PIL import Image
+
+from organtrain.config import load_config
+from organtrain.data.manifest import read_parquet
+from organtrain.errors import OrgantrainError
+from organtrain.storage import LocalStorage
+from organtrain.train import train_organ, trial_prefix
+
+TINY = {
+    "name": "tiny",
+    "synth": {"organs": {"lung": ["adenocarcinoma", "benign"]}, "images_per_diagnosis": 24,
+              "image_size": 32},
+    "prepare": {"dataset": "tiny", "test_fraction": 0.25, "val_fraction": 0.25,
+                "min_images_per_diagnosis": 5, "max_image_side": 32, "images_per_shard": 8},
+    "input": {"image_size": 32, "batch_size": 4, "shuffle_buffer": 64},
+    "model": {"name": "simple_cnn", "filters": [8, 16], "dense_units": 16},
+    "train": {"epochs": 2, "early_stopping_patience": 0, "cpu_replicas": 2},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    """A tiny job file and its prepared dataset, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("tiny")
+    job = {**TINY, "storage": {"uri": str(root / "store")},
+           "synth": {**TINY["synth"], "out": str(root / "src")},
+           "prepare": {**TINY["prepare"], "source": str(root / "src")}}  # fmt: skip
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(job))
+    subprocess.run(
+        [sys.executable, "-m", "organtrain", "demo", "--config", str(path), "--no-progress",
+         "--set", "train.epochs=1", "--set", "train.cpu_replicas=1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return path
+
+
+def test_two_replicas_global_batch_and_outputs(tiny_job):
+    cfg = load_config(tiny_job)
+    store = LocalStorage(cfg.storage.uri)
+    result = train_organ(cfg, store, "lung", run_id="two-replicas", expected_replicas=2, verbose=0)
+    assert result.replicas == 2
+    assert result.global_batch == 2 * cfg.input.batch_size
+    assert result.epochs_run == 2 and result.classes == ["adenocarcinoma", "benign"]
+    assert 0 <= result.test_accuracy <= 1 and result.test_images > 0
+
+    out = store.sub(trial_prefix("two-replicas", "lung"))
+    metrics = read_parquet(out.get_bytes("metrics/metrics.parquet")).to_pylist()
+    accuracy = [m for m in metrics if m["metric"] == "accuracy"]
+    assert accuracy[0]["value"] == pytest.approx(result.test_accuracy)
+    assert {m["split"] for m in metrics} == {"test"}
+    history = read_parquet(out.get_bytes("metrics/history.parquet")).to_pylist()
+    assert {h["epoch"] for h in history} == {1, 2}
+    assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= {h["metric"] for h in history}
+    for plot in ("learning_curves", "confusion_matrix", "roc"):
+        path = out.path(f"plots/{plot}.png")
+        assert Image.open(path).format == "PNG"
+    assert out.exists("model.keras")
+    # Checkpoints of stale epochs are removed; the best and latest stay.
+    left = [i.key for i in out.list("checkpoint")]
+    assert "checkpoint/state.json" in left and len(left) <= 3
+
+
+def test_replica_count_mismatch_is_an_error(tiny_job):
+    cfg = load_config(tiny_job)
+    with pytest.raises(OrgantrainError, match="asked for 3 replicas but 2 devices"):
+        train_organ(cfg, LocalStorage(cfg.storage.uri), "lung", run_id="x", expected_replicas=3)
+
+
+def test_finished_trial_is_not_redone(tiny_job):
+    cfg = load_config(tiny_job)
+    store = LocalStorage(cfg.storage.uri)
+    first = train_organ(cfg, store, "lung", run_id="once", verbose=0)
+    before = store.stat(f"{trial_prefix('once', 'lung')}/result.json").version_tag
+    again = train_organ(cfg, store, "lung", run_id="once", verbose=0)
+    assert again == first
+    assert store.stat(f"{trial_prefix('once', 'lung')}/result.json").version_tag == before
+
+
+def test_early_stopping_on_validation_loss(tiny_job):
+    cfg = load_config(tiny_job, ["train.learning_rate=1e-12", "train.epochs=6",
+                                 "train.early_stopping_patience=2"])  # fmt: skip
+    result = train_organ(cfg, LocalStorage(cfg.storage.uri), "lung", run_id="early", verbose=0)
+    assert result.stopped_early and result.epochs_run < 6
+
+
+def test_killed_training_resumes_from_its_checkpoint(tiny_job):
+    cfg = load_config(tiny_job)
+    store = LocalStorage(cfg.storage.uri)
+    state_key = f"{trial_prefix('resume', 'lung')}/checkpoint/state.json"
+    command = [sys.executable, "-m", "organtrain", "train", "--config", str(tiny_job),
+               "--organ", "lung", "--run-id", "resume", "--set", "train.epochs=6"]  # fmt: skip
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not store.exists(state_key):
+        assert first.poll() is None, first.stdout.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    first.kill()  # SIGKILL: no handler runs, as when a node is lost
+    first.wait()
+    done = json.loads(store.get_bytes(state_key))["epoch"]
+    assert 1 <= done < 6, "killed too late to show a resume"
+
+    second = subprocess.run(command, capture_output=True, text=True, check=True)
+    output = second.stdout + second.stderr
+    assert f"from epoch {done + 1} of 6" in output
+    assert f"Epoch {done + 1}/6" in output and "Epoch 1/6" not in output
+    state = json.loads(store.get_bytes(state_key))
+    assert state["epoch"] == 6 and len(state["history"]["loss"]) == 6
+    assert "test accuracy" in output
+    assert os.path.exists(store.path(f"{trial_prefix('resume', 'lung')}/result.json"))
