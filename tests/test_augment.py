@@ -21,10 +21,10 @@ from organtrain.augment import (
     RandomBrightnessScale,
     augment_in_dataset,
     build_augmentation,
-    build_rescale,
     resolve_placement,
 )
-from organtrain.config import AugmentConfig
+from organtrain.config import AugmentConfig, ModelConfig
+from organtrain.models import build_model
 
 MODES = ["eager", "dataset"]
 ALL_OFF = {
@@ -311,12 +311,13 @@ def test_resolve_placement(monkeypatch):
 
 
 def test_model_with_augmentation_saves_and_loads(tmp_path):
+    # As the trainer builds it when augmentation runs on the device: the augmentation
+    # layers first, then the model's own rescaling (`augment.rescale`), then the network.
     cfg = AugmentConfig()
-    inputs = keras.Input((32, 32, 3))
-    x = build_augmentation(cfg, seed=1)(inputs)
-    x = build_rescale(cfg)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    model = build_model(
+        ModelConfig(filters=[4], dense_units=0), num_classes=2, image_size=32,
+        rescale=cfg.rescale, augmentation=build_augmentation(cfg, seed=1),
+    )  # fmt: skip
     images = pattern(4, 32)
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")

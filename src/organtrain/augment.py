@@ -158,16 +158,6 @@ def build_augmentation(cfg: AugmentConfig, *, seed: int | None = None) -> keras.
     return keras.Sequential(layers or [keras.layers.Identity()], name="augmentation")
 
 
-def build_rescale(cfg: AugmentConfig) -> keras.layers.Layer:
-    """keras.layers.Rescaling(cfg.rescale): applied to train, val and test alike.
-
-    Kept apart from the augmentation because it is not random and must also run at
-    evaluation and in the exported model, and it comes after the augmentation (brightness
-    clips at 255), as ImageDataGenerator's `rescale` did.
-    """
-    return keras.layers.Rescaling(cfg.rescale, name="rescale")
-
-
 def augment_in_dataset(
     ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int | None = None
 ) -> tf.data.Dataset:
