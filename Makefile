@@ -7,7 +7,7 @@ comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test bench lint format clean
 
 install: $(STAMP)
 
@@ -24,13 +24,23 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The input pipeline benchmark (bench/RESULTS.md). Its baseline is tf_keras'
+# ImageDataGenerator, but the tf-keras wheel depends on the full `tensorflow` wheel, which
+# would install a second TensorFlow build over tensorflow-cpu: so it is installed with
+# --no-deps. ImageDataGenerator's transforms need scipy (today scikit-learn brings it too).
+# Small runs while developing: make bench BENCH_ARGS="--images-per-diagnosis 40 --repeats 1"
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m pip install --quiet scipy "tf-keras>=2.21,<2.22" --no-deps
+	$(BIN)/python bench/input_pipeline.py --out bench/results.json $(BENCH_ARGS)
+
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: install
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 clean:
 	rm -rf demo-output test-artifacts .pytest_cache
