@@ -183,7 +183,7 @@ def time_organtrain_pipeline(
 ) -> Measurement:
     """(a) The training pipeline with the default augmentation: shards → cache → augment."""
     ds = organtrain_dataset(data, args, augment_seed=seed)
-    path = "parallel map" if seed is None else "sequential map"
+    path = "unseeded" if seed is None else "seeded per batch, the trainer's path"
     return _warmed_up(
         Measurement(
             f"organtrain_augment_seed_{seed}",

@@ -18,7 +18,9 @@ import tensorflow as tf
 
 from organtrain import augment
 from organtrain.augment import (
+    RandomAffine,
     RandomBrightnessScale,
+    affine_matrices,
     augment_in_dataset,
     build_augmentation,
     resolve_placement,
@@ -223,14 +225,53 @@ def _extents(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (mass.max(axis=2) > 100).sum(axis=1), (mass.max(axis=1) > 100).sum(axis=1)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_keras_zoom_sign_negative_is_zoom_in(mode):
-    # The convention augment.py documents: RandomZoom's negative factor enlarges content.
-    images = np.zeros((4, 33, 33, 3), "float32")
+def transformed(images: np.ndarray, parameters, fill_mode: str = "constant") -> np.ndarray:
+    """Resample `images` with explicit RandomAffine parameters (one row per image)."""
+    parameters = np.asarray(parameters, "float32").reshape(len(images), -1)
+    matrices = affine_matrices(parameters, images.shape[1], images.shape[2])
+    out = keras.ops.image.affine_transform(
+        images, matrices, fill_mode=fill_mode, data_format="channels_last"
+    )
+    return keras.ops.convert_to_numpy(out)
+
+
+def test_zoom_above_one_shrinks_and_below_one_enlarges():
+    # ImageDataGenerator reads the input at zoom × the distance from the centre.
+    images = np.zeros((2, 33, 33, 3), "float32")
     images[:, 10:23, 10:23] = 200
-    zoom_in = keras.layers.RandomZoom((-0.3, -0.3), (-0.3, -0.3), fill_mode="constant", seed=0)
-    out = run_layer(zoom_in, images, mode, training=True)
-    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)) / images.sum(axis=(1, 2, 3)), 1 / 0.49, 0.05)
+    identity = [0, 0, 0, 1, 1, 1, 1]
+    zoom_in, zoom_out = [0, 0, 0, 0.7, 0.7, 1, 1], [0, 0, 0, 1.3, 1.3, 1, 1]
+    out = transformed(images, [zoom_in, zoom_out])
+    area = out.sum(axis=(1, 2, 3)) / images.sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(area, [1 / 0.49, 1 / 1.69], rtol=0.05)
+    np.testing.assert_array_equal(transformed(images, [identity, identity]), images)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # tf_keras' scipy import
+@pytest.mark.parametrize("fill_mode", ["nearest", "reflect"])
+def test_one_resample_matches_image_data_generator(fill_mode):
+    # The same parameters give ImageDataGenerator's image: one composed matrix, one resample.
+    image_module = pytest.importorskip("tf_keras.preprocessing.image")
+    pytest.importorskip("scipy")
+    size = 40
+    rows, cols = np.mgrid[0:size, 0:size].astype("float32")
+    image = np.stack([np.sin(rows / 5) * 100 + 120, np.cos(cols / 7) * 100 + 120, rows + cols], -1)
+    generator = image_module.ImageDataGenerator(fill_mode=fill_mode)
+    cases = [  # theta (degrees), tx (columns), ty (rows), zx (columns), zy (rows), flips
+        (20.0, 3.0, -5.0, 1.1, 0.9, False, False),
+        (-30.0, 0.0, 0.0, 1.0, 1.0, True, False),
+        (10.0, -4.0, 2.0, 0.8, 1.2, True, True),
+        (0.0, 6.0, 0.0, 1.0, 1.15, False, True),
+    ]
+    for theta, tx, ty, zx, zy, flip_h, flip_v in cases:
+        expected = generator.apply_transform(
+            image,
+            {"theta": theta, "tx": tx, "ty": ty, "zx": zx, "zy": zy,
+             "flip_horizontal": flip_h, "flip_vertical": flip_v},
+        )  # fmt: skip
+        ours = [np.radians(theta), ty, tx, zy, zx, -1 if flip_v else 1, -1 if flip_h else 1]
+        out = transformed(image[None].astype("float32"), [ours], fill_mode)[0]
+        np.testing.assert_allclose(out, expected, atol=0.01)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -272,14 +313,46 @@ def test_defaults_keep_shape_dtype_and_range(mode):
 
 def test_default_layers_in_image_data_generator_order():
     names = [type(layer).__name__ for layer in build_augmentation(AugmentConfig()).layers]
-    assert names == [
-        "RandomRotation",
-        "RandomTranslation",
-        "RandomZoom",
-        "RandomFlip",
-        "RandomFlip",
-        "RandomBrightnessScale",
-    ]
+    assert names == ["RandomAffine", "RandomBrightnessScale"]
+
+
+def test_default_affine_layer_carries_every_geometric_knob():
+    cfg = AugmentConfig()
+    affine = build_augmentation(cfg).layers[0]
+    assert isinstance(affine, RandomAffine)
+    assert (affine.rotation_range, affine.zoom_range) == (cfg.rotation_range, cfg.zoom_range)
+    assert affine.width_shift_range == cfg.width_shift_range
+    assert affine.height_shift_range == cfg.height_shift_range
+    assert affine.horizontal_flip and affine.vertical_flip
+    assert (affine.fill_mode, affine.fill_value) == ("nearest", cfg.cval)
+    # Only the knobs that are on make a layer.
+    names = [type(layer).__name__ for layer in build_augmentation(only(zoom_range=0.1)).layers]
+    assert names == ["RandomAffine"]
+
+
+def test_affine_layer_config_inference_single_image_and_validation():
+    layer = RandomAffine(30, 0.1, 0.2, 0.2, True, False, "reflect", 3.0, seed=5)
+    clone = RandomAffine.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    image = pattern(1, 16)[0]
+    np.testing.assert_array_equal(layer(image, training=False), image)
+    assert keras.ops.convert_to_numpy(layer(image)).shape == image.shape  # unbatched
+    with pytest.raises(ValueError, match="fill_mode"):
+        RandomAffine(fill_mode="mirror")
+
+
+def test_a_seed_tensor_makes_the_draw_stateless():
+    layer = RandomAffine(rotation_range=45, zoom_range=0.2, seed=1)
+    brightness = RandomBrightnessScale([0.5, 1.5], seed=1)
+    images = pattern(8, 16)
+    for rand in (layer, brightness):
+        first = rand(images, seed=tf.constant([7, 0]))
+        again = rand(images, seed=tf.constant([7, 0]))
+        other = rand(images, seed=tf.constant([8, 0]))
+        np.testing.assert_array_equal(first, again)
+        assert not np.allclose(first, other)
+        # Without a seed tensor the layer's SeedGenerator advances: new draws every call.
+        assert not np.allclose(rand(images), rand(images))
 
 
 def test_seeded_runs_repeat():
@@ -298,6 +371,25 @@ def test_seeded_runs_repeat():
     assert not np.allclose(first[0], other[0])
     eager = [build_augmentation(cfg, seed=3)(images[:8]) for _ in range(2)]
     np.testing.assert_array_equal(eager[0], eager[1])
+
+
+def test_seeded_parallel_dataset_path_repeats():
+    # The trainer's path: seeded and mapped with num_parallel_calls=AUTOTUNE. Many small
+    # batches, so that parallel calls overlap; two runs must still agree bit for bit.
+    images = np.random.default_rng(1).uniform(0, 255, (320, 24, 24, 3)).astype("float32")
+    cfg = AugmentConfig()
+
+    def run() -> np.ndarray:
+        ds = tf.data.Dataset.from_tensor_slices((images, np.arange(320))).batch(4)
+        ds = augment_in_dataset(ds, cfg, seed=0)
+        assert "ParallelMap" in type(ds).__name__  # not a sequential map
+        batches = list(ds.as_numpy_iterator())
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), np.arange(320))
+        return np.concatenate([b[0] for b in batches])
+
+    first, again = run(), run()
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, images)
 
 
 def test_resolve_placement(monkeypatch):

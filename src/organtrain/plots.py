@@ -143,7 +143,9 @@ def roc_curves_png(
         ax.plot(fpr, tpr, linewidth=1.8, label=f"{display_name(name, 40)} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance (AUC 0.5)")
     if not points:
-        ax.text(0.5, 0.6, "ROC undefined: the split lacks\ntwo classes to compare", ha="center")
+        message = "ROC undefined: the split lacks\ntwo classes to compare"
+        box = {"facecolor": "white", "edgecolor": "grey"}  # keeps it legible over the diagonal
+        ax.text(0.5, 0.6, message, ha="center", va="center", bbox=box)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
