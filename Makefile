@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	# tf_keras' ImageDataGenerator is the reference the augmentation is checked (tests) and
+	# timed (bench) against. Its wheel depends on the full `tensorflow` build, which would
+	# land on top of tensorflow-cpu, hence --no-deps (it runs on the installed TensorFlow).
+	$(BIN)/python -m pip install --quiet "tf-keras>=2.21,<2.22" --no-deps
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: install
@@ -24,14 +28,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The input pipeline benchmark (bench/RESULTS.md). Its baseline is tf_keras'
-# ImageDataGenerator, but the tf-keras wheel depends on the full `tensorflow` wheel, which
-# would install a second TensorFlow build over tensorflow-cpu: so it is installed with
-# --no-deps. ImageDataGenerator's transforms need scipy (today scikit-learn brings it too).
+# The input pipeline benchmark (bench/RESULTS.md), against tf_keras' ImageDataGenerator
+# (installed by `install`; its transforms need scipy, which scikit-learn brings too).
 # Small runs while developing: make bench BENCH_ARGS="--images-per-diagnosis 40 --repeats 1"
 BENCH_ARGS ?=
 bench: install
-	$(BIN)/python -m pip install --quiet scipy "tf-keras>=2.21,<2.22" --no-deps
 	$(BIN)/python bench/input_pipeline.py --out bench/results.json $(BENCH_ARGS)
 
 lint: install
