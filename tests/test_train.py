@@ -12,7 +12,7 @@ from PIL import Image
 
 from organtrain.config import load_config
 from organtrain.data.manifest import read_parquet
-from organtrain.errors import OrgantrainError
+from organtrain.errors import ConfigError, OrgantrainError
 from organtrain.storage import LocalStorage
 from organtrain.train import train_organ, trial_prefix
 
@@ -85,6 +85,12 @@ def test_finished_trial_is_not_redone(tiny_job):
     again = train_organ(cfg, store, "lung", run_id="once", verbose=0)
     assert again == first
     assert store.stat(f"{trial_prefix('once', 'lung')}/result.json").version_tag == before
+    # Another configuration under the same run id would mix two experiments: refused.
+    other = load_config(tiny_job, ["model.dense_units=32"])
+    with pytest.raises(
+        ConfigError, match=r"another configuration \(model\.dense_units: 16 -> 32\)"
+    ):
+        train_organ(other, store, "lung", run_id="once", verbose=0)
 
 
 def test_early_stopping_on_validation_loss(tiny_job):

@@ -37,6 +37,7 @@ class TrainingState:
     best_value: float = math.inf
     epochs_without_improvement: int = 0
     stopped_early: bool = False
+    settings: dict = field(default_factory=dict)  # train.trial_settings of the run
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()

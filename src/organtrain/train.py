@@ -30,7 +30,7 @@ from organtrain.config import RunConfig
 from organtrain.data.dataset import DatasetIndex, load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.data.pipeline import build_dataset, shard_files
-from organtrain.errors import DataError
+from organtrain.errors import ConfigError, DataError
 from organtrain.models import build_model
 from organtrain.storage import Storage, join_key
 from organtrain.strategy import make_strategy
@@ -57,10 +57,40 @@ class TrainResult:
     test_images: int
     seconds: float  # wall time of the last (possibly resumed) invocation
     uri: str
+    settings: dict  # the configuration that trained it (see trial_settings)
 
 
 def trial_prefix(run_id: str, organ: str) -> str:
     return join_key("runs", run_id, organ)
+
+
+# Fields that may change between a run and its resumption without changing what is trained:
+# more epochs, another machine's replica count, another node's cache folder.
+_RESUMABLE_CHANGES = {("train", "epochs"), ("train", "cpu_replicas"), ("input", "cache_dir")}
+
+
+def trial_settings(cfg: RunConfig) -> dict:
+    """The configuration a trial's results depend on, recorded with its checkpoints."""
+    sections = {"dataset": {"name": cfg.prepare.dataset}}
+    for name in ("input", "augment", "model", "train"):
+        values = asdict(getattr(cfg, name))
+        sections[name] = {k: v for k, v in values.items() if (name, k) not in _RESUMABLE_CHANGES}
+    return sections
+
+
+def _require_same_settings(saved: dict, current: dict, where: str) -> None:
+    """Re-running a run id with another configuration would silently mix two experiments."""
+    changed = [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"{where} was trained with another configuration ({'; '.join(changed)}); "
+            "use a new --run-id, or delete that folder to start it again"
+        )
 
 
 def train_organ(
@@ -75,10 +105,15 @@ def train_organ(
     """Train, or resume training, `organ`'s model; evaluate it once on the test split."""
     started = time.monotonic()
     prefix = trial_prefix(run_id, organ)
+    settings = trial_settings(cfg)
     if storage.exists(join_key(prefix, RESULT)):
+        result = TrainResult(**json.loads(storage.get_bytes(join_key(prefix, RESULT))))
+        _require_same_settings(result.settings, settings, storage.url(prefix))
         log.info("%s: already finished in run %s; nothing to do", organ, run_id)
-        return TrainResult(**json.loads(storage.get_bytes(join_key(prefix, RESULT))))
+        return result
     state = TrainingState.load(storage, prefix)
+    if state is not None:
+        _require_same_settings(state.settings, settings, storage.url(prefix))
     index = load_dataset(storage, cfg.prepare.dataset, state.dataset_version if state else None)
     classes = index.diagnoses(organ)
     keras.utils.set_random_seed(cfg.train.seed)
@@ -87,7 +122,8 @@ def train_organ(
     global_batch = cfg.input.batch_size * replicas
     train_ds, val_ds = _datasets(cfg, storage, index, organ, global_batch)
     if state is None:
-        state = TrainingState(index.version, monitor="val_loss" if val_ds is not None else "loss")
+        monitor = "val_loss" if val_ds is not None else "loss"
+        state = TrainingState(index.version, monitor=monitor, settings=settings)
     log.info(
         "%s: %s on %d replica(s), global batch %d, from epoch %d of %d",
         organ, cfg.model.name, replicas, global_batch, state.epoch + 1, cfg.train.epochs,
@@ -207,7 +243,7 @@ def _finish(
         global_batch=global_batch, epochs_run=state.epoch, best_epoch=state.best_epoch,
         stopped_early=state.stopped_early, test_accuracy=value[("accuracy", None)],
         test_macro_f1=value[("macro_f1", None)], test_images=len(y_true),
-        seconds=time.monotonic() - started, uri=storage.url(prefix),
+        seconds=time.monotonic() - started, uri=storage.url(prefix), settings=state.settings,
     )  # fmt: skip
     out.put_bytes(RESULT, json.dumps(asdict(result), indent=2).encode())  # the trial is done
     log.info("%s: test accuracy %.3f, macro F1 %.3f (%d images)", organ,
