@@ -10,8 +10,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from organtrain.cli import main
 from organtrain.config import load_config
 from organtrain.data.manifest import read_parquet
+from organtrain.data.synth import write_synthetic_tree
 from organtrain.errors import ConfigError, OrgantrainError
 from organtrain.storage import LocalStorage
 from organtrain.train import train_organ, trial_prefix
@@ -37,11 +39,12 @@ def tiny_job(tmp_path_factory):
            "prepare": {**TINY["prepare"], "source": str(root / "src")}}  # fmt: skip
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(job))
-    subprocess.run(
-        [sys.executable, "-m", "organtrain", "demo", "--config", str(path), "--no-progress",
-         "--set", "train.epochs=1", "--set", "train.cpu_replicas=1"],
-        check=True, capture_output=True,
+    synth = job["synth"]
+    write_synthetic_tree(
+        synth["out"], organs=synth["organs"], image_size=synth["image_size"],
+        images_per_diagnosis=synth["images_per_diagnosis"], progress=False,
     )  # fmt: skip
+    assert main(["prepare", "--config", str(path), "--no-progress"]) == 0
     return path
 
 
@@ -66,6 +69,19 @@ def test_two_replicas_global_batch_and_outputs(tiny_job):
         path = out.path(f"plots/{plot}.png")
         assert Image.open(path).format == "PNG"
     assert out.exists("model.keras")
+    # One prediction per test image, traceable to the test split of the manifest.
+    predictions = read_parquet(out.get_bytes("metrics/predictions.parquet")).to_pylist()
+    manifest = read_parquet(
+        store.get_bytes(f"datasets/tiny/{result.dataset_version}/manifest.parquet")
+    ).to_pylist()
+    test_files = {
+        (m["sha256"], m["key"]) for m in manifest if m["split"] == "test" and not m["duplicate_of"]
+    }
+    assert {(p["sha256"], p["source_key"]) for p in predictions} == test_files
+    assert len(predictions) == result.test_images
+    right = sum(p["true_class"] == p["predicted_class"] for p in predictions)
+    assert right / len(predictions) == pytest.approx(result.test_accuracy)
+    assert all(p["confidence"] == max(p["probabilities"]) for p in predictions)
     # Checkpoints of stale epochs are removed; the best and latest stay.
     left = [i.key for i in out.list("checkpoint")]
     assert "checkpoint/state.json" in left and len(left) <= 3

@@ -38,6 +38,26 @@ class TrainingState:
     epochs_without_improvement: int = 0
     stopped_early: bool = False
     settings: dict = field(default_factory=dict)  # train.trial_settings of the run
+    started: float | None = None  # wall-clock time training first started (time.time())
+    starts: list[int] = field(default_factory=list)  # epochs done at each (re)start
+
+    def end_epoch(self, epoch: int, logs: dict, checkpoint_key: str, patience: int) -> set[str]:
+        """Record a finished epoch saved as `checkpoint_key`; returns the checkpoint keys
+        no longer needed (neither latest nor best). Sets stopped_early on patience."""
+        self.epoch = epoch + 1
+        for name, value in logs.items():
+            self.history.setdefault(name, []).append(float(value))
+        stale = {self.latest, self.best}
+        self.latest = checkpoint_key
+        value = float(logs.get(self.monitor, math.inf))
+        if value < self.best_value:
+            self.best, self.best_epoch, self.best_value = checkpoint_key, self.epoch, value
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        if patience and self.epochs_without_improvement >= patience:
+            self.stopped_early = True
+        return stale - {self.latest, self.best, None}
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()
@@ -56,33 +76,15 @@ class DurableCheckpoint(keras.callbacks.Callback):
         self.storage, self.prefix, self.state, self.patience = storage, prefix, state, patience
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
-        logs = logs or {}
-        s = self.state
-        s.epoch = epoch + 1
-        for name, value in logs.items():
-            s.history.setdefault(name, []).append(float(value))
-        key = join_key("checkpoint", f"epoch-{s.epoch:04d}.keras")
+        key = join_key("checkpoint", f"epoch-{epoch + 1:04d}.keras")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "model.keras")
             self.model.save(path)
             self.storage.sub(self.prefix).put_file(key, path)
-        stale = {s.latest, s.best}
-        s.latest = key
-        value = float(logs.get(s.monitor, math.inf))
-        if value < s.best_value:
-            s.best, s.best_epoch, s.best_value, s.epochs_without_improvement = (
-                key,
-                s.epoch,
-                value,
-                0,
-            )
-        else:
-            s.epochs_without_improvement += 1
-        if self.patience and s.epochs_without_improvement >= self.patience:
-            s.stopped_early = True
-            self.model.stop_training = True
-        self.storage.put_bytes(join_key(self.prefix, STATE), s.to_json())  # the commit point
-        for old in stale - {s.latest, s.best, None}:
+        stale = self.state.end_epoch(epoch, logs or {}, key, self.patience)
+        self.model.stop_training = self.state.stopped_early
+        self.storage.put_bytes(join_key(self.prefix, STATE), self.state.to_json())  # the commit
+        for old in stale:
             self.storage.delete(join_key(self.prefix, old))
 
 

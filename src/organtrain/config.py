@@ -227,6 +227,76 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """`organtrain sweep`: one Ray Tune search per organ, all organs at once.
+
+    `space` maps config fields (`section.field`) to what to try, one of:
+        {choice: [a, b, ...]}    sampled uniformly        {grid: [a, b, ...]}   every value
+        {uniform: [low, high]}   {loguniform: [low, high]} {randint: [low, high]} (high excluded)
+        a plain value            fixed for every trial
+    Grid values are crossed with each other; `samples` trials are drawn for each grid point.
+    `organ_space` overrides or adds entries for one organ: {blood: {augment.zoom_range: 0}}.
+    """
+
+    organs: list[str] | None = None  # None: every organ of the dataset
+    samples: int = 4  # trials per organ (per grid point when the space has grid entries)
+    scheduler: str = "asha"  # fifo (run every trial to the end), asha or pbt
+    # What selects trials and stops them early: validation only; the test split is read
+    # once, by the chosen model's final evaluation.
+    metric: str = "val_loss"  # val_loss, val_accuracy, loss or accuracy (Keras' names)
+    mode: str = "min"  # min or max
+    grace_period: int = 3  # asha: epochs every trial runs before it can be stopped
+    reduction_factor: int = 3  # asha: about 1 in reduction_factor trials go on at each rung
+    perturbation_interval: int = 4  # pbt: epochs between exploiting better trials
+    max_concurrent_trials: int = 0  # per organ; 0: as many as the cluster has room for
+    max_failures: int = 1  # retries of a failed trial, from its last checkpoint
+    seed: int = 0  # of the random sampling of the space
+    space: dict[str, Any] = field(default_factory=dict)
+    organ_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(self.samples >= 1, "samples", "must be at least 1")
+        _require(
+            self.scheduler in ("fifo", "asha", "pbt"), "scheduler", "must be fifo, asha or pbt"
+        )
+        _require(
+            self.metric in ("val_loss", "val_accuracy", "loss", "accuracy"),
+            "metric",
+            "must be val_loss, val_accuracy, loss or accuracy",
+        )
+        _require(self.mode in ("min", "max"), "mode", "must be min or max")
+        _require(self.grace_period >= 1, "grace_period", "must be at least 1 epoch")
+        _require(self.reduction_factor >= 2, "reduction_factor", "must be at least 2")
+        _require(self.perturbation_interval >= 1, "perturbation_interval", "must be >= 1")
+        _require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0")
+        _require(self.max_failures >= 0, "max_failures", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """The Ray cluster a sweep runs on, and what each trial asks of it."""
+
+    # "auto" (a running cluster on this node), host:port or ray://host:10001. None: the
+    # RAY_ADDRESS variable when set, else a Ray started for this command on this machine.
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    # Each trial's MirroredStrategy spans exactly the GPUs Ray assigns it; without GPUs,
+    # train.cpu_replicas logical CPU devices stand in for them.
+    gpus_per_trial: float = 0.0
+    local_cpus: int | None = None  # a Ray started here: CPUs it may use (None: all)
+
+    def __post_init__(self):
+        _require(self.cpus_per_trial > 0, "cpus_per_trial", "must be positive")
+        _require(self.gpus_per_trial >= 0, "gpus_per_trial", "must be >= 0")
+        _require(
+            self.gpus_per_trial <= 1 or float(self.gpus_per_trial).is_integer(),
+            "gpus_per_trial",
+            "must be a whole number above 1 (a fraction below 1 shares one GPU)",
+        )
+        _require(self.local_cpus is None or self.local_cpus >= 1, "local_cpus", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One run of organtrain: what to read, where to write, how to train."""
 
@@ -238,6 +308,8 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -252,7 +324,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         data = _read_yaml(Path(path))
     for override in overrides:
         _apply_override(data, override)
-    return from_dict(RunConfig, data, source=source)
+    cfg = from_dict(RunConfig, data, source=source)
+    from organtrain.search.space import check_space  # needs from_dict: imported late
+
+    check_space(cfg, source=source)
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -306,6 +382,8 @@ def from_dict(cls: type, data: Any, *, source: str, path: str = ""):
 
 def _convert(hint: Any, value: Any, *, source: str, path: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value  # checked by the code that reads it (e.g. search.space)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, source=source, path=path)
     if origin in (Union, types.UnionType):

@@ -4,7 +4,7 @@ Everything a trial writes lives under `runs/<run_id>/<organ>/` in the run's stor
 
     checkpoint/state.json, checkpoint/epoch-NNNN.keras   while training (see checkpoint.py)
     model.keras                                           the best epoch's model
-    metrics/{metrics,confusion,history}.parquet           tidy tables (see evaluate.py)
+    metrics/{metrics,confusion,history,predictions}.parquet   tidy tables (see evaluate.py)
     plots/{learning_curves,confusion_matrix,roc}.png
     result.json                                           written last: the trial is done
 
@@ -58,6 +58,7 @@ class TrainResult:
     seconds: float  # wall time of the last (possibly resumed) invocation
     uri: str
     settings: dict  # the configuration that trained it (see trial_settings)
+    search: dict | None = None  # for a sweep's chosen trial: which trial, among how many
 
 
 def trial_prefix(run_id: str, organ: str) -> str:
@@ -78,7 +79,7 @@ def trial_settings(cfg: RunConfig) -> dict:
     return sections
 
 
-def _require_same_settings(saved: dict, current: dict, where: str) -> None:
+def require_same_settings(saved: dict, current: dict, where: str) -> None:
     """Re-running a run id with another configuration would silently mix two experiments."""
     changed = [
         f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
@@ -108,19 +109,19 @@ def train_organ(
     settings = trial_settings(cfg)
     if storage.exists(join_key(prefix, RESULT)):
         result = TrainResult(**json.loads(storage.get_bytes(join_key(prefix, RESULT))))
-        _require_same_settings(result.settings, settings, storage.url(prefix))
+        require_same_settings(result.settings, settings, storage.url(prefix))
         log.info("%s: already finished in run %s; nothing to do", organ, run_id)
         return result
     state = TrainingState.load(storage, prefix)
     if state is not None:
-        _require_same_settings(state.settings, settings, storage.url(prefix))
+        require_same_settings(state.settings, settings, storage.url(prefix))
     index = load_dataset(storage, cfg.prepare.dataset, state.dataset_version if state else None)
     classes = index.diagnoses(organ)
     keras.utils.set_random_seed(cfg.train.seed)
     strategy = make_strategy(cfg.train.cpu_replicas, expected_replicas)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.input.batch_size * replicas
-    train_ds, val_ds = _datasets(cfg, storage, index, organ, global_batch)
+    train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch)
     if state is None:
         monitor = "val_loss" if val_ds is not None else "loss"
         state = TrainingState(index.version, monitor=monitor, settings=settings)
@@ -143,11 +144,11 @@ def train_organ(
             verbose=verbose,
         )
     best = load_checkpoint(storage, prefix, state.best)
-    return _finish(cfg, storage, prefix, run_id, organ, index, classes, best, state,
+    return finish(cfg, storage, prefix, run_id, organ, index, classes, best, state,
                    replicas, global_batch, started)  # fmt: skip
 
 
-def _datasets(cfg: RunConfig, storage: Storage, index: DatasetIndex, organ: str, global_batch: int):
+def datasets(cfg: RunConfig, storage: Storage, index: DatasetIndex, organ: str, global_batch: int):
     inp = cfg.input
     augment = None
     if resolve_placement(cfg.augment) == "dataset":
@@ -177,6 +178,11 @@ def _model(cfg: RunConfig, storage: Storage, prefix: str, state: TrainingState, 
     """A fresh compiled model, or the last checkpoint (optimizer state included)."""
     if state.latest:
         return load_checkpoint(storage, prefix, state.latest)
+    return compiled_model(cfg, n_classes)
+
+
+def compiled_model(cfg: RunConfig, n_classes: int) -> keras.Model:
+    """A fresh model as `cfg` describes it, compiled with its optimizer."""
     augmentation = None
     if resolve_placement(cfg.augment) == "model":
         augmentation = build_augmentation(cfg.augment, seed=cfg.train.seed)
@@ -191,7 +197,7 @@ def _model(cfg: RunConfig, storage: Storage, prefix: str, state: TrainingState, 
     return model
 
 
-def _finish(
+def finish(
     cfg,
     storage,
     prefix,
@@ -204,15 +210,22 @@ def _finish(
     replicas,
     global_batch,
     started,
+    search=None,
 ):
     """Evaluate the best model on the test split; publish tables, plots, model, result."""
     test = build_dataset(
         shard_files(storage, index, organ, "test", cfg.input.cache_dir),
         num_images=index.split_size(organ, "test"), image_size=cfg.input.image_size,
-        batch_size=global_batch, training=False, cache_images=False,
+        batch_size=global_batch, training=False, cache_images=False, with_keys=True,
     )  # fmt: skip
-    y_true = np.concatenate([labels.numpy() for _, labels in test])
-    y_prob = model.predict(test, verbose=0)
+    batches = [
+        (model.predict_on_batch(images), labels.numpy(), hashes.numpy(), keys.numpy())
+        for images, labels, hashes, keys in test
+    ]
+    y_prob = np.concatenate([b[0] for b in batches])
+    y_true = np.concatenate([b[1] for b in batches])
+    hashes = [h.decode() for b in batches for h in b[2]]
+    keys = [k.decode() for b in batches for k in b[3]]
     rows = evaluate.evaluate_predictions(y_true, y_prob, classes)
     ident = dict(run_id=run_id, organ=organ, model=cfg.model.name)
     matrix = evaluate.confusion(y_true, y_prob.argmax(axis=1), len(classes))
@@ -221,6 +234,9 @@ def _finish(
         "metrics": evaluate.metrics_table(rows, split="test", **ident),
         "confusion": evaluate.confusion_table(matrix, classes, split="test", **ident),
         "history": evaluate.history_table(state.history, **ident),
+        "predictions": evaluate.predictions_table(
+            y_true, y_prob, classes, sha256=hashes, source_keys=keys, split="test", **ident
+        ),
     }
     for name, table in tables.items():
         out.put_bytes(f"metrics/{name}.parquet", parquet_bytes(table))
@@ -244,6 +260,7 @@ def _finish(
         stopped_early=state.stopped_early, test_accuracy=value[("accuracy", None)],
         test_macro_f1=value[("macro_f1", None)], test_images=len(y_true),
         seconds=time.monotonic() - started, uri=storage.url(prefix), settings=state.settings,
+        search=search,
     )  # fmt: skip
     out.put_bytes(RESULT, json.dumps(asdict(result), indent=2).encode())  # the trial is done
     log.info("%s: test accuracy %.3f, macro F1 %.3f (%d images)", organ,

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from organtrain.data.cache import local_shard
 from organtrain.data.dataset import DatasetIndex
-from organtrain.data.shards import IMAGE_ENCODED, LABEL, feature_spec
+from organtrain.data.shards import IMAGE_ENCODED, LABEL, SHA256, SOURCE_KEY, feature_spec
 from organtrain.storage import Storage
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -43,6 +43,7 @@ def build_dataset(
     shuffle_buffer: int = 2048,
     cache_images: bool = True,
     augment: BatchTransform | None = None,
+    with_keys: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (float32 images (B, S, S, 3) in 0..255, int32 labels (B,)).
 
@@ -50,8 +51,11 @@ def build_dataset(
     across the replicas. `augment` (training only) maps batches, e.g. the in-graph
     ImageDataGenerator knobs when augmentation runs on the CPU. `num_images`, when
     known (the dataset index records it), gives the dataset a length, so Keras knows
-    the steps per epoch.
+    the steps per epoch. `with_keys` (evaluation only) adds each image's sha256 and source
+    key to the batch, so predictions can be traced back to files.
     """
+    if with_keys and training:
+        raise ValueError("with_keys is for evaluation: training batches carry no keys")
     ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -59,9 +63,12 @@ def build_dataset(
         tf.data.TFRecordDataset,
         cycle_length=min(len(files), 8),
         num_parallel_calls=AUTOTUNE,
-        deterministic=not training,  # evaluation order is reproducible; training is shuffled anyway
+        # Evaluation order is reproducible; training is shuffled anyway.
+        deterministic=not training,
     )
-    ds = ds.map(_decoder(image_size), num_parallel_calls=AUTOTUNE, deterministic=not training)
+    ds = ds.map(
+        _decoder(image_size, with_keys), num_parallel_calls=AUTOTUNE, deterministic=not training
+    )
     if num_images is not None:
         ds = ds.apply(tf.data.experimental.assert_cardinality(num_images))
     if cache_images:
@@ -75,8 +82,9 @@ def build_dataset(
     return ds.prefetch(AUTOTUNE)
 
 
-def _decoder(image_size: int):
-    spec = {k: v for k, v in feature_spec().items() if k in (IMAGE_ENCODED, LABEL)}
+def _decoder(image_size: int, with_keys: bool = False):
+    wanted = (IMAGE_ENCODED, LABEL, SHA256, SOURCE_KEY) if with_keys else (IMAGE_ENCODED, LABEL)
+    spec = {k: v for k, v in feature_spec().items() if k in wanted}
 
     def decode(serialized):
         example = tf.io.parse_single_example(serialized, spec)
@@ -85,7 +93,10 @@ def _decoder(image_size: int):
         image = _center_square(image)
         image = tf.image.resize(image, (image_size, image_size), antialias=True)
         image.set_shape((image_size, image_size, 3))
-        return image, tf.cast(example[LABEL], tf.int32)
+        label = tf.cast(example[LABEL], tf.int32)
+        if with_keys:
+            return image, label, example[SHA256], example[SOURCE_KEY]
+        return image, label
 
     return decode
 

@@ -94,6 +94,11 @@ class Storage(ABC):
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 
+    def tune_location(self, key: str):
+        """(path, pyarrow filesystem or None) for Ray Tune's `storage_path`: Tune writes
+        its experiment state and checkpoints itself, through pyarrow."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold Ray Tune state")
+
     def checksum(self, key: str) -> str | None:
         """The sha256 of `key` (stored, or computed by reading it); None if absent."""
         info = self.stat(key)

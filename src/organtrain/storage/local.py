@@ -32,6 +32,9 @@ class LocalStorage(Storage):
     def sub(self, prefix: str) -> LocalStorage:
         return LocalStorage(self.path(prefix))
 
+    def tune_location(self, key: str):
+        return str(self.path(key)), None
+
     def path(self, key: str) -> Path:
         """The local file behind `key`."""
         return self.root.joinpath(*validate_key(key).split("/"))

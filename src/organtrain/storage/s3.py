@@ -171,6 +171,25 @@ class S3Storage(Storage):
         finally:
             Path(tmp).unlink(missing_ok=True)
 
+    def tune_location(self, key: str):
+        """Tune writes through pyarrow's S3 filesystem, pointed at the same endpoint with
+        the same credentials as boto3 (its standard chain, so instance roles work too)."""
+        from urllib.parse import urlparse
+
+        import pyarrow.fs
+
+        endpoint = urlparse(self.client.meta.endpoint_url)
+        options = {"region": self.client.meta.region_name or "us-east-1"}
+        if not endpoint.hostname.endswith("amazonaws.com"):
+            options |= {"endpoint_override": endpoint.netloc, "scheme": endpoint.scheme}
+        credentials = boto3.session.Session().get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            options |= {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
+            if frozen.token:
+                options["session_token"] = frozen.token
+        return join_key(self.bucket, self._key(key)), pyarrow.fs.S3FileSystem(**options)
+
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))

@@ -1,0 +1,289 @@
+"""One organ's search: a Ray Tune experiment, then the chosen model's one test evaluation.
+
+`search_organ` runs as a Ray task (no CPUs of its own: it only drives Tune), one per organ,
+so the organs' searches run side by side and share the cluster. Tune's experiment state
+and checkpoints live in the run's storage, `runs/<run_id>/tune/<organ>/`: when the task
+starts and finds them, it restores the experiment — finished trials stay finished, running
+ones continue from their last epoch — instead of starting again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from organtrain.checkpoint import TrainingState
+from organtrain.data.dataset import load_dataset
+from organtrain.data.manifest import parquet_bytes
+from organtrain.errors import OrgantrainError
+from organtrain.search import results
+from organtrain.search.space import organ_space, pbt_mutations, trial_config
+from organtrain.search.trial import MODEL_FILE, STATE_FILE, SweepJob, run_trial
+from organtrain.storage import join_key
+from organtrain.train import finish, trial_prefix
+
+PROGRESS = "progress"  # runs/<run_id>/progress/<organ>.json, written by ProgressCallback
+
+
+class OrganFailed(OrgantrainError):
+    """Every trial of an organ failed: nothing to evaluate."""
+
+
+def tune_experiment(job: SweepJob, organ: str):
+    """(path, filesystem) of the organ's Tune experiment in the run's storage."""
+    path, fs = job.storage().tune_location(join_key("runs", job.run_id, "tune"))
+    return f"{path}/{organ}", fs
+
+
+def search_organ(job: SweepJob, organ: str) -> dict:
+    """Search, choose, evaluate. Returns the organ's summary row."""
+    # Tune saves its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S seconds;
+    # a driver killed between saves would redo the epochs since. The state is small.
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "2"
+    cfg, search = job.cfg, job.cfg.search
+    started = time.monotonic()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, job=job, organ=organ),
+        {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
+    )
+    experiment, fs = tune_experiment(job, organ)
+    space = organ_space(cfg, organ)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True,
+            storage_filesystem=fs,
+        )  # fmt: skip
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: dim.to_tune() for key, dim in space.items()},
+            tune_config=tune.TuneConfig(
+                metric=search.metric,
+                mode=search.mode,
+                num_samples=search.samples,
+                scheduler=_scheduler(job, space),
+                search_alg=tune.search.BasicVariantGenerator(random_state=search.seed),
+                max_concurrent_trials=search.max_concurrent_trials or None,
+            ),
+            run_config=tune.RunConfig(
+                name=organ,
+                storage_path=experiment.rsplit("/", 1)[0],
+                storage_filesystem=fs,
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=2,  # the best by the metric, and always the latest
+                    checkpoint_score_attribute=search.metric,
+                    checkpoint_score_order=search.mode,
+                ),
+                failure_config=tune.FailureConfig(max_failures=search.max_failures),
+                sync_config=tune.SyncConfig(sync_artifacts=True),  # TensorBoard logs
+                callbacks=[ProgressCallback(job, organ)],
+                log_to_file=True,  # each trial's output in its folder, not on the terminal
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+
+    rows = results.trial_rows(
+        grid, run_id=job.run_id, organ=organ, metric=search.metric, mode=search.mode,
+        epochs=cfg.train.epochs,
+    )  # fmt: skip
+    out = job.storage().sub(trial_prefix(job.run_id, organ))
+    out.put_bytes("metrics/trials.parquet", parquet_bytes(results.trials_table(rows)))
+    kinds = {key: dim.kind for key, dim in space.items()}
+    out.put_bytes(
+        "plots/sweep.png",
+        results.sweep_png(rows, organ=organ, metric=search.metric, space_kinds=kinds),
+    )
+    counts = {
+        "trials": len(rows),
+        "trials_stopped_early": sum(r["stop_reason"] in ("patience", "scheduler") for r in rows),
+        "trials_errored": sum(r["status"] == "error" for r in rows),
+    }
+    scored = [r for r in rows if math.isfinite(r["best_value"])]
+    if not scored:
+        errors = sorted({r["error"] for r in rows if r["error"]})
+        raise OrganFailed(
+            f"{organ}: all {len(rows)} trials failed; first error: {errors[0] if errors else '?'}"
+            f" (each trial's log: {experiment}/<trial>/)"
+        )
+    best = grid.get_best_result(search.metric, search.mode, scope="all", filter_nan_and_inf=True)
+    chosen = {
+        "trial_id": best.metrics.get("trial_id"),
+        "trial_config": best.config,
+        "metric": search.metric,
+        "value": _best_value(best, search.metric, search.mode),
+        **counts,
+    }
+    evaluate = ray.remote(evaluate_trial).options(
+        num_cpus=cfg.resources.cpus_per_trial, num_gpus=cfg.resources.gpus_per_trial
+    )
+    result = ray.get(
+        evaluate.remote(
+            job, organ, best.config, best.get_best_checkpoint(search.metric, search.mode),
+            best.checkpoint, int(best.metrics.get("replicas", 1)), chosen,
+        )
+    )  # fmt: skip
+    return summary_row(job, organ, result, seconds=time.monotonic() - started)
+
+
+def _best_value(result, metric: str, mode: str) -> float:
+    values = result.metrics_dataframe[metric].dropna()
+    return float(values.min() if mode == "min" else values.max())
+
+
+def _scheduler(job: SweepJob, space: dict):
+    search, epochs = job.cfg.search, job.cfg.train.epochs
+    max_epochs = max([epochs, *[int(v) for v in _epoch_values(space)]])
+    if search.scheduler == "asha":
+        return tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",  # one report per epoch
+            max_t=max_epochs,
+            grace_period=min(search.grace_period, max_epochs),
+            reduction_factor=search.reduction_factor,
+        )
+    if search.scheduler == "pbt":
+        mutations = pbt_mutations(space)
+        if not mutations:
+            raise OrgantrainError(
+                "search.scheduler pbt needs search.space to vary train.learning_rate with "
+                "choice, uniform or loguniform: population based training only perturbs "
+                "what a running model can take up"
+            )
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=search.perturbation_interval,
+            hyperparam_mutations=mutations,
+        )
+    return tune.schedulers.FIFOScheduler()
+
+
+def _epoch_values(space: dict):
+    dim = space.get("train.epochs")
+    return dim.extremes() if dim is not None else ()
+
+
+def evaluate_trial(
+    job: SweepJob,
+    organ: str,
+    values: dict,
+    best_checkpoint,
+    latest_checkpoint,
+    replicas: int,
+    chosen: dict,
+) -> dict:
+    """The chosen model's one look at the test split; publishes the organ's results."""
+    import keras
+
+    started = time.monotonic()
+    cfg = trial_config(job.cfg, values, source=f"chosen trial of {organ}")
+    storage = job.storage()
+    index = load_dataset(storage, cfg.prepare.dataset, job.dataset_version)
+    with best_checkpoint.as_directory() as folder:
+        model = keras.models.load_model(Path(folder, MODEL_FILE))
+        best_state = TrainingState(**json.loads(Path(folder, STATE_FILE).read_text()))
+    with latest_checkpoint.as_directory() as folder:
+        state = TrainingState(**json.loads(Path(folder, STATE_FILE).read_text()))
+    state.best_epoch = best_state.epoch  # the epoch evaluated: best by the search metric
+    result = finish(
+        cfg, storage, trial_prefix(job.run_id, organ), job.run_id, organ, index,
+        index.diagnoses(organ), model, state, replicas, cfg.input.batch_size * replicas,
+        started, search=chosen,
+    )  # fmt: skip
+    return dataclasses.asdict(result)
+
+
+def summary_row(job: SweepJob, organ: str, result: dict, *, seconds: float) -> dict:
+    search = result["search"]
+    metrics = _test_metrics(job, organ)
+    return {
+        "run_id": job.run_id,
+        "organ": organ,
+        "state": "done",
+        "model": result["model"],
+        "trial_id": search["trial_id"],
+        "trial_config": json.dumps(search["trial_config"], sort_keys=True),
+        "metric": search["metric"],
+        "val_value": search["value"],
+        "test_accuracy": result["test_accuracy"],
+        "test_macro_f1": result["test_macro_f1"],
+        "test_macro_roc_auc": metrics.get("macro_roc_auc", math.nan),
+        "test_images": result["test_images"],
+        "trials": search["trials"],
+        "trials_stopped_early": search["trials_stopped_early"],
+        "trials_errored": search["trials_errored"],
+        "seconds": seconds,
+        "error": None,
+    }
+
+
+def _test_metrics(job: SweepJob, organ: str) -> dict:
+    from organtrain.data.manifest import read_parquet
+
+    key = join_key(trial_prefix(job.run_id, organ), "metrics/metrics.parquet")
+    rows = read_parquet(job.storage().get_bytes(key)).to_pylist()
+    return {r["metric"]: r["value"] for r in rows if r["class_name"] is None}
+
+
+class ProgressCallback(tune.Callback):
+    """Publishes the organ's trial counts and best value so far, every few seconds, to
+    `runs/<run_id>/progress/<organ>.json`: the sweep driver and `organtrain status`
+    read it, wherever on the cluster this search runs."""
+
+    def __init__(self, job: SweepJob, organ: str):
+        self.job, self.organ = job, organ
+        self.best: float | None = None
+        self.best_trial: str | None = None
+        self.last_write = 0.0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.job.cfg.search.metric)
+        if value is None or not math.isfinite(value):
+            return
+        better = min if self.job.cfg.search.mode == "min" else max
+        if self.best is None or better(value, self.best) != self.best:
+            self.best, self.best_trial = float(value), trial.trial_id
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last_write >= 2.0:
+            self.publish(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.publish(trials)
+
+    def publish(self, trials):
+        self.last_write = time.monotonic()
+        counts = {"pending": 0, "running": 0, "terminated": 0, "error": 0}
+        stopped = 0
+        for t in trials:
+            status = t.status.lower()
+            counts[status if status in counts else "pending"] += 1
+            epochs = int(t.config.get("train.epochs", self.job.cfg.train.epochs))
+            last = t.last_result or {}
+            if t.status == "TERMINATED" and int(last.get("epoch", epochs)) < epochs:
+                stopped += 1
+        progress = {
+            "organ": self.organ,
+            "updated": time.time(),
+            "trials": {"total": len(trials), **counts},
+            "stopped_early": stopped,
+            "best": self.best,
+            "best_trial": self.best_trial,
+        }
+        key = join_key("runs", self.job.run_id, PROGRESS, f"{self.organ}.json")
+        # Progress is for people: a storage hiccup must not stop the search.
+        with contextlib.suppress(OrgantrainError):
+            self.job.storage().put_bytes(key, json.dumps(progress).encode())
+
+    def get_state(self):
+        return {"best": self.best, "best_trial": self.best_trial}
+
+    def set_state(self, state):
+        self.best, self.best_trial = state.get("best"), state.get("best_trial")

@@ -1,0 +1,192 @@
+"""What a search leaves behind: the per-organ trials table, the sweep plot, the run summary.
+
+runs/<run_id>/<organ>/metrics/trials.parquet   one row per trial
+runs/<run_id>/<organ>/plots/sweep.png          the metric per trial and per searched field
+runs/<run_id>/summary.parquet                  one row per organ
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.figure import Figure
+
+from organtrain.plots import _message_png, _png, display_name
+
+# Why a trial ended: it ran every epoch; its own patience stopped it; the scheduler (ASHA,
+# PBT) stopped it for trailing the others; or it failed more often than max_failures.
+STOP_REASONS = ("completed", "patience", "scheduler", "error")
+
+TRIAL_FIELDS = [
+    pa.field("run_id", pa.string()),
+    pa.field("organ", pa.string()),
+    pa.field("trial_id", pa.string()),
+    pa.field("status", pa.string()),  # terminated | error
+    pa.field("stop_reason", pa.string()),
+    pa.field("epochs", pa.int32()),  # epochs run
+    pa.field("epochs_asked", pa.int32()),  # train.epochs of the trial
+    pa.field("metric", pa.string()),
+    pa.field("best_value", pa.float64()),  # best of the metric over the trial's epochs
+    pa.field("best_epoch", pa.int32()),
+    pa.field("replicas", pa.int32()),  # num_replicas_in_sync the trial ran with
+    pa.field("seconds", pa.float64()),  # training time reported to Tune, resumes included
+    pa.field("started", pa.float64()),  # unix time the trial first started
+    pa.field("ended", pa.float64()),  # unix time of its last report
+    pa.field("error", pa.string()),
+    pa.field("config", pa.string()),  # the trial's searched values, JSON
+]
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("organ", pa.string()),
+        pa.field("state", pa.string()),  # done | failed
+        pa.field("model", pa.string()),
+        pa.field("trial_id", pa.string()),
+        pa.field("trial_config", pa.string()),  # JSON
+        pa.field("metric", pa.string()),
+        pa.field("val_value", pa.float64()),
+        pa.field("test_accuracy", pa.float64()),
+        pa.field("test_macro_f1", pa.float64()),
+        pa.field("test_macro_roc_auc", pa.float64()),
+        pa.field("test_images", pa.int64()),
+        pa.field("trials", pa.int64()),
+        pa.field("trials_stopped_early", pa.int64()),
+        pa.field("trials_errored", pa.int64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def trial_rows(results, *, run_id: str, organ: str, metric: str, mode: str, epochs: int):
+    """One dict per trial of a Tune ResultGrid (errored trials included)."""
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        frame = result.metrics_dataframe
+        values = (
+            frame[metric].to_numpy(dtype=float)
+            if frame is not None and metric in frame
+            else np.array([])
+        )
+        values = values[np.isfinite(values)]
+        best_at = (np.argmin if mode == "min" else np.argmax)(values) if values.size else None
+        asked = int(result.config.get("train.epochs", epochs))
+        ran = int(m.get("epoch", 0))
+        if result.error is not None:
+            reason = "error"
+        elif m.get("stopped_early"):
+            reason = "patience"
+        elif ran >= asked:
+            reason = "completed"
+        else:
+            reason = "scheduler"
+        rows.append(
+            {
+                "run_id": run_id,
+                "organ": organ,
+                "trial_id": str(m.get("trial_id") or Path(result.path).name),
+                "status": "error" if result.error is not None else "terminated",
+                "stop_reason": reason,
+                "epochs": ran,
+                "epochs_asked": asked,
+                "metric": metric,
+                "best_value": float(values[best_at]) if best_at is not None else math.nan,
+                "best_epoch": int(frame["epoch"].iloc[best_at]) if best_at is not None else 0,
+                "replicas": int(m.get("replicas", 0)),
+                "seconds": float(m.get("time_total_s", 0.0)),
+                "started": float(m.get("trial_started") or math.nan),
+                "ended": float(m.get("timestamp") or math.nan),
+                "error": _error_text(result.error),
+                "config": json.dumps(result.config, sort_keys=True),
+                **{f"config/{k}": _column_value(v) for k, v in result.config.items()},
+            }
+        )
+    return sorted(rows, key=lambda r: r["started"] if math.isfinite(r["started"]) else 0)
+
+
+def _error_text(error) -> str | None:
+    if error is None:
+        return None
+    text = str(error).strip()
+    # Tune wraps the trial's exception; its last line is the one that says what happened.
+    last = [line for line in text.splitlines() if line.strip()][-1:] or [text]
+    return last[0][:500]
+
+
+def _column_value(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return json.dumps(value)
+    return float(value)
+
+
+def trials_table(rows: Sequence[dict]) -> pa.Table:
+    config_columns = sorted({k for r in rows for k in r if k.startswith("config/")})
+    fields = list(TRIAL_FIELDS)
+    for name in config_columns:
+        kinds = {type(r.get(name)) for r in rows if r.get(name) is not None}
+        fields.append(pa.field(name, pa.float64() if kinds <= {float} else pa.string()))
+    schema = pa.schema(fields)
+    records = [{f.name: _cell(r.get(f.name), f.type) for f in fields} for r in rows]
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def _cell(value, kind):
+    if value is not None and kind == pa.string() and not isinstance(value, str):
+        return json.dumps(value)
+    return value
+
+
+def summary_table(rows: Sequence[dict]) -> pa.Table:
+    names = SUMMARY_SCHEMA.names
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], SUMMARY_SCHEMA)
+
+
+def sweep_png(rows: Sequence[dict], *, organ: str, metric: str, space_kinds: dict) -> bytes:
+    """Left: the metric of every trial, in start order, marked by why it stopped. Then one
+    panel per searched field: the metric against the field's values, to see what mattered."""
+    title = f"{organ} — search ({len(rows)} trials)"
+    scored = [r for r in rows if math.isfinite(r["best_value"])]
+    if not scored:
+        return _message_png("no trial reported a validation metric", title=title)
+    searched = [k for k, kind in space_kinds.items() if kind != "fixed"][:5]
+    fig = Figure(figsize=(4.0 * (1 + len(searched)), 3.4), layout="constrained")
+    axes = fig.subplots(1, 1 + len(searched), squeeze=False)[0]
+    markers = {"completed": "o", "patience": "s", "scheduler": "v", "error": "x"}
+    ax = axes[0]
+    for reason, marker in markers.items():
+        points = [(i + 1, r["best_value"]) for i, r in enumerate(rows)
+                  if r["stop_reason"] == reason and math.isfinite(r["best_value"])]  # fmt: skip
+        if points:
+            x, y = zip(*points, strict=True)
+            ax.scatter(x, y, marker=marker, label=reason.replace("_", " "), s=36)
+    ax.set_xlabel("trial (in start order)")
+    ax.set_ylabel(f"best {display_name(metric, 40)}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(title="stopped by", fontsize="small")
+    for ax, key in zip(axes[1:], searched, strict=True):
+        column = f"config/{key}"
+        values = [r.get(column) for r in scored]
+        y = [r["best_value"] for r in scored]
+        if all(isinstance(v, float) for v in values):
+            ax.scatter(values, y, s=36)
+            if space_kinds[key] == "loguniform":
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            x = [labels.index(str(v)) for v in values]
+            ax.scatter(x, y, s=36)
+            ax.set_xticks(range(len(labels)), [textwrap_label(v) for v in labels])
+        ax.set_xlabel(key)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def textwrap_label(text: str) -> str:
+    return display_name(text.strip('"'), 16)

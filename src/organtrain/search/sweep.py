@@ -1,0 +1,375 @@
+"""`organtrain sweep`: a Ray Tune search per organ, all organs at once, resumable.
+
+The driver plans the run (which organs, which dataset version), starts one `search_organ`
+task per unfinished organ, and then only watches: it merges the organs' progress into
+`runs/<run_id>/status.json`, prints a line when an organ's picture changes, and writes
+`runs/<run_id>/summary.parquet` (one row per organ) at the end. Killed at any point, the
+same command continues: finished organs are skipped (their result.json is there), the
+others restore their Tune experiments from storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from organtrain.config import RunConfig
+from organtrain.data.dataset import load_dataset
+from organtrain.data.manifest import parquet_bytes
+from organtrain.errors import ConfigError, OrgantrainError
+from organtrain.search.trial import SweepJob, expected_replicas
+from organtrain.storage import Storage, join_key, open_storage
+from organtrain.train import RESULT, require_same_settings, trial_prefix, trial_settings
+
+log = logging.getLogger(__name__)
+
+SWEEP = "sweep.json"
+STATUS = "status.json"
+SUMMARY = "summary.parquet"
+# Search settings that may change when a sweep is resumed: they change how it runs, not
+# what it finds.
+_RESUMABLE_SEARCH_FIELDS = {"max_concurrent_trials", "max_failures"}
+# Passed from the driver to a Ray this command starts, so trials read the same storage
+# with the same credentials as the driver.
+_FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "ORGANTRAIN_CACHE_DIR",
+)  # fmt: skip
+
+
+@dataclass
+class SweepOutcome:
+    run_id: str
+    uri: str  # the run's folder
+    rows: list[dict]  # summary rows, one per organ
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def sweep(
+    cfg: RunConfig, *, run_id: str | None = None, address: str | None = None, progress: bool = True
+) -> SweepOutcome:
+    run_id = run_id or cfg.name
+    cfg = _absolute_paths(cfg)
+    storage = open_storage(
+        cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
+    )
+    plan = _plan(cfg, storage, run_id)
+    job = SweepJob(cfg, run_id, plan["dataset_version"], expected_replicas(cfg))
+    organs = plan["organs"]
+    rows: dict[str, dict] = {}
+    for organ in organs:
+        key = join_key(trial_prefix(run_id, organ), RESULT)
+        if storage.exists(key):
+            from organtrain.search.organ import summary_row
+
+            result = json.loads(storage.get_bytes(key))
+            rows[organ] = summary_row(job, organ, result, seconds=result["seconds"])
+    todo = [organ for organ in organs if organ not in rows]
+    if rows:
+        log.info("already finished in run %s: %s", run_id, ", ".join(sorted(rows)))
+    watcher = _Watcher(storage, job, organs, rows, progress)
+    if todo:
+        _connect(address or cfg.resources.address, cfg)
+        _check_room(cfg)
+        _run_searches(job, todo, rows, watcher)
+    ordered = [rows[organ] for organ in organs]
+    from organtrain.search.results import summary_table
+
+    storage.put_bytes(join_key("runs", run_id, SUMMARY), parquet_bytes(summary_table(ordered)))
+    failed = [r["organ"] for r in ordered if r["state"] != "done"]
+    watcher.write_status("failed" if failed else "finished")
+    return SweepOutcome(run_id, storage.url(join_key("runs", run_id)), ordered, failed)
+
+
+def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher) -> None:
+    import ray
+
+    from organtrain.search.organ import search_organ
+
+    # The organ tasks only drive Tune: they take no CPU, so trials get all of it.
+    remote = ray.remote(search_organ).options(num_cpus=0, max_retries=0)
+    job_ref = ray.put(job)
+    pending = {remote.remote(job_ref, organ): organ for organ in todo}
+    log.info(
+        "searching %d organ(s) at once: %s (%d trials each%s)",
+        len(todo), ", ".join(todo), job.cfg.search.samples,
+        "" if not _has_grid(job) else " per grid point",
+    )  # fmt: skip
+    previous = _stop_signals_interrupt()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            for ref in ready:
+                organ = pending.pop(ref)
+                try:
+                    rows[organ] = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    rows[organ] = _failed_row(job, organ, err)
+                watcher.organ_finished(organ)
+            watcher.poll()
+    except KeyboardInterrupt:
+        watcher.write_status("interrupted")
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop_signals_interrupt() -> dict:
+    """SIGTERM (scancel, Kubernetes) and SIGUSR1 (SLURM's warning before the time limit)
+    stop the driver like Ctrl-C: every epoch is already checkpointed, so stopping now and
+    running the same command later loses at most the epochs in flight."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        # Outside the main thread (a notebook worker) signals cannot be caught: leave them.
+        with contextlib.suppress(ValueError):
+            previous[signum] = signal.signal(signum, interrupt)
+    return previous
+
+
+def _failed_row(job: SweepJob, organ: str, err: Exception) -> dict:
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, OrgantrainError):
+        message = str(cause)
+    else:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        message = f"{organ}: {lines[-1] if lines else type(err).__name__}"
+    log.error("%s", message)
+    return {
+        "run_id": job.run_id, "organ": organ, "state": "failed", "model": job.cfg.model.name,
+        "trial_id": None, "trial_config": None, "metric": job.cfg.search.metric,
+        "val_value": math.nan, "test_accuracy": math.nan, "test_macro_f1": math.nan,
+        "test_macro_roc_auc": math.nan, "test_images": 0, "trials": 0,
+        "trials_stopped_early": 0, "trials_errored": 0, "seconds": 0.0, "error": message,
+    }  # fmt: skip
+
+
+def _has_grid(job: SweepJob) -> bool:
+    entries = [job.cfg.search.space, *job.cfg.search.organ_space.values()]
+    return any(isinstance(v, dict) and "grid" in v for e in entries for v in e.values())
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Trials run in other processes, other folders, maybe other nodes: local paths in
+    the config must not depend on this command's working directory."""
+    if "://" not in cfg.storage.uri or cfg.storage.uri.startswith("file://"):
+        uri = str(Path(cfg.storage.uri.removeprefix("file://")).expanduser().absolute())
+        cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=uri))
+    if cfg.input.cache_dir:
+        cache = str(Path(cfg.input.cache_dir).expanduser().absolute())
+        cfg = dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, cache_dir=cache))
+    return cfg
+
+
+def sweep_settings(cfg: RunConfig) -> dict:
+    search = {
+        k: v for k, v in dataclasses.asdict(cfg.search).items() if k not in _RESUMABLE_SEARCH_FIELDS
+    }
+    return {**trial_settings(cfg), "search": search}
+
+
+def _plan(cfg: RunConfig, storage: Storage, run_id: str) -> dict:
+    """The run's plan, `runs/<run_id>/sweep.json`: written by the first invocation, read
+    by every later one, so a resumed sweep uses the same dataset version and organs."""
+    key = join_key("runs", run_id, SWEEP)
+    settings = sweep_settings(cfg)
+    if storage.exists(key):
+        plan = json.loads(storage.get_bytes(key))
+        require_same_settings(plan["settings"], settings, storage.url(join_key("runs", run_id)))
+        return plan
+    index = load_dataset(storage, cfg.prepare.dataset)
+    available = sorted(index.organs)
+    organs = cfg.search.organs or available
+    for organ in [*organs, *cfg.search.organ_space]:
+        if organ not in available:
+            raise ConfigError(
+                f"organ {organ!r} (search.organs / search.organ_space) is not in dataset "
+                f"{index.dataset} version {index.version}; its organs: {', '.join(available)}"
+            )
+    for organ in organs:
+        if cfg.search.metric.startswith("val_") and index.split_size(organ, "val") == 0:
+            raise ConfigError(
+                f"{organ} has no validation images, and search.metric is "
+                f"{cfg.search.metric}: set prepare.val_fraction above 0 and prepare again, "
+                "or select on the training metric (search.metric: loss)"
+            )
+    plan = {
+        "run_id": run_id,
+        "dataset": index.dataset,
+        "dataset_version": index.version,
+        "organs": list(organs),
+        "metric": cfg.search.metric,
+        "mode": cfg.search.mode,
+        "started": _now(),
+        "settings": settings,
+    }
+    storage.put_bytes(key, json.dumps(plan, indent=2).encode())
+    return plan
+
+
+def _connect(address: str | None, cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return  # a caller (a notebook, a test) already chose the cluster
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if address:
+            log.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
+        else:
+            log.info("starting a local Ray (set RAY_ADDRESS or --address to use a cluster)")
+            ray.init(
+                num_cpus=cfg.resources.local_cpus, include_dashboard=False,
+                runtime_env={"env_vars": env}, **quiet,
+            )  # fmt: skip
+    except ConnectionError as err:
+        raise OrgantrainError(
+            f"cannot connect to the Ray cluster at {address}: {err}. Is it running "
+            "(`ray status`)? A cluster started with `ray start` needs RAY_AUTH_MODE=token "
+            "in this shell too."
+        ) from None
+
+
+def _check_room(cfg: RunConfig) -> None:
+    """Tune would wait forever for a trial the cluster cannot hold: say so now."""
+    import ray
+
+    total = ray.cluster_resources()
+    r = cfg.resources
+    for name, asked, what in (("CPU", r.cpus_per_trial, "cpus"), ("GPU", r.gpus_per_trial, "gpus")):
+        if asked > total.get(name, 0):
+            raise ConfigError(
+                f"resources.{what}_per_trial is {asked:g} but the Ray cluster has "
+                f"{total.get(name, 0):g} {name}(s) in all: no trial could ever start; lower it "
+                "or use a larger cluster"
+            )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _Watcher:
+    """Merges the organs' progress files into status.json and prints what changed."""
+
+    def __init__(self, storage: Storage, job: SweepJob, organs: list[str], rows: dict, show):
+        self.storage, self.job, self.organs, self.rows, self.show = storage, job, organs, rows, show
+        self.progress: dict[str, dict] = {}
+        self.printed: dict[str, tuple] = {}
+        self.last_printed: dict[str, float] = {}
+        self.last_status = 0.0
+
+    def poll(self) -> None:
+        for organ in self.organs:
+            if organ in self.rows:
+                continue
+            key = join_key("runs", self.job.run_id, "progress", f"{organ}.json")
+            try:
+                self.progress[organ] = json.loads(self.storage.get_bytes(key))
+            except OrgantrainError:
+                continue  # not written yet
+            self._print(organ)
+        if time.monotonic() - self.last_status >= 5.0:
+            self.write_status("running")
+
+    def organ_finished(self, organ: str) -> None:
+        row = self.rows[organ]
+        if row["state"] == "done":
+            log.info(
+                "%s: done — best trial %s (%s %.4f), test accuracy %.3f, macro F1 %.3f "
+                "on %d images; %d trials, %d stopped early, %d failed",
+                organ, row["trial_id"], row["metric"], row["val_value"], row["test_accuracy"],
+                row["test_macro_f1"], row["test_images"], row["trials"],
+                row["trials_stopped_early"], row["trials_errored"],
+            )  # fmt: skip
+        self.write_status("running")
+
+    def _print(self, organ: str) -> None:
+        p = self.progress[organ]
+        t = p["trials"]
+        picture = (t["terminated"], t["error"], t["running"], p["best"])
+        now = time.monotonic()
+        finished = t["terminated"] + t["error"]
+        # A line when something changed, at most every 10 s per organ unless a trial ended.
+        before = self.printed.get(organ, (0, 0, 0, None))
+        ended = finished != before[0] + before[1]
+        recent = now - self.last_printed.get(organ, 0) < 10
+        if not self.show or picture == before or (recent and not ended):
+            return
+        self.printed[organ], self.last_printed[organ] = picture, now
+        best = "" if p["best"] is None else f", best {self.job.cfg.search.metric} {p['best']:.4f}"
+        extra = f", {p['stopped_early']} stopped early" if p["stopped_early"] else ""
+        extra += f", {t['error']} failed" if t["error"] else ""
+        log.info(
+            "%s: %d/%d trials finished (%d running%s)%s",
+            organ, finished, t["total"], t["running"], extra, best,
+        )  # fmt: skip
+
+    def write_status(self, state: str) -> None:
+        self.last_status = time.monotonic()
+        organs = {}
+        for organ in self.organs:
+            p = self.progress.get(organ, {})
+            row = self.rows.get(organ)
+            trials = p.get("trials") or {
+                "total": 0, "pending": 0, "running": 0, "terminated": 0, "error": 0
+            }  # fmt: skip
+            if row is not None:
+                organ_state = row["state"]
+            elif not p:
+                organ_state = "pending"
+            elif trials["total"] and trials["terminated"] + trials["error"] == trials["total"]:
+                organ_state = "evaluating"
+            else:
+                organ_state = "searching"
+            organs[organ] = {
+                "state": organ_state,
+                "trials": trials,
+                "stopped_early": p.get("stopped_early", row["trials_stopped_early"] if row else 0),
+                "best": p.get("best", row["val_value"] if row else None),
+                "best_trial": p.get("best_trial", row["trial_id"] if row else None),
+                "error": row["error"] if row else None,
+                "test_accuracy": row["test_accuracy"] if row and row["state"] == "done" else None,
+            }
+        status = {
+            "run_id": self.job.run_id,
+            "updated": _now(),
+            "state": state,
+            "metric": self.job.cfg.search.metric,
+            "mode": self.job.cfg.search.mode,
+            "organs": organs,
+        }
+        text = json.dumps(_finite(status), indent=2)
+        self.storage.put_bytes(join_key("runs", self.job.run_id, STATUS), text.encode())
+
+
+def _finite(value):
+    """JSON has no NaN: an undefined number is null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

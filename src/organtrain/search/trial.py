@@ -1,0 +1,138 @@
+"""One Ray Tune trial: train one organ's model with one point of the search space.
+
+The trial reads only the train and validation splits. Every epoch it reports its Keras
+metrics to Tune together with a checkpoint (the model with its optimizer state, and the
+TrainingState), so ASHA can stop it, PBT can clone it, and a trial restarted after a
+failure, a killed driver or a preempted node continues from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from organtrain.checkpoint import TrainingState
+from organtrain.config import RunConfig
+from organtrain.data.dataset import load_dataset
+from organtrain.search.space import trial_config
+from organtrain.storage import Storage, open_storage
+from organtrain.strategy import make_strategy
+from organtrain.train import compiled_model, datasets, trial_settings
+
+MODEL_FILE = "model.keras"
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """What every task of a sweep needs; put in Ray's object store once."""
+
+    cfg: RunConfig  # the job's configuration, storage.uri made absolute
+    run_id: str
+    dataset_version: str  # pinned when the sweep started: a resumed sweep uses the same
+    expected_replicas: int  # what each trial's MirroredStrategy must span
+
+    def storage(self) -> Storage:
+        s = self.cfg.storage
+        return open_storage(s.uri, endpoint_url=s.endpoint_url, region=s.region)
+
+
+def expected_replicas(cfg: RunConfig) -> int:
+    """GPUs per trial when trials get GPUs (a fraction shares one), else cpu_replicas."""
+    gpus = cfg.resources.gpus_per_trial
+    return max(1, int(gpus)) if gpus > 0 else cfg.train.cpu_replicas
+
+
+def run_trial(config: dict, job: SweepJob, organ: str) -> None:
+    """The Tune function trainable (bound to job and organ by tune.with_parameters)."""
+    from ray import tune
+
+    cfg = trial_config(job.cfg, config, source=f"trial of {organ}")
+    _limit_threads(job.cfg.resources.cpus_per_trial)
+    storage = job.storage()
+    index = load_dataset(storage, cfg.prepare.dataset, job.dataset_version)
+    classes = index.diagnoses(organ)
+    keras.utils.set_random_seed(cfg.train.seed)
+    strategy = make_strategy(cfg.train.cpu_replicas, job.expected_replicas)
+    replicas = strategy.num_replicas_in_sync
+    train_ds, val_ds = datasets(cfg, storage, index, organ, cfg.input.batch_size * replicas)
+
+    checkpoint = tune.get_checkpoint()
+    with strategy.scope():
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                state = TrainingState(**json.loads(Path(folder, STATE_FILE).read_text()))
+                model = keras.models.load_model(Path(folder, MODEL_FILE))
+            # Population based training may hand this trial a new learning rate.
+            model.optimizer.learning_rate.assign(cfg.train.learning_rate)
+        else:
+            monitor = "val_loss" if val_ds is not None else "loss"
+            state = TrainingState(index.version, monitor=monitor, settings=trial_settings(cfg))
+            model = compiled_model(cfg, len(classes))
+    if state.epoch >= cfg.train.epochs or state.stopped_early:
+        return  # finished before the restart; its results are already reported
+    state.started = state.started or time.time()
+    state.starts.append(state.epoch)  # a resumed trial shows where it picked up
+    callbacks = [ReportToTune(state, cfg.train.early_stopping_patience, replicas)]
+    trial_dir = tune.get_context().get_trial_dir()
+    if trial_dir:
+        callbacks.append(
+            keras.callbacks.TensorBoard(
+                os.path.join(trial_dir, "tensorboard"), write_graph=False, profile_batch=0
+            )
+        )
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.train.epochs,
+        initial_epoch=state.epoch,
+        callbacks=callbacks,
+        shuffle=False,  # the pipeline shuffles
+        verbose=0,
+    )
+
+
+class ReportToTune(keras.callbacks.Callback):
+    """Each epoch: metrics and a checkpoint to Tune; patience-based early stopping."""
+
+    def __init__(self, state: TrainingState, patience: int, replicas: int):
+        super().__init__()
+        self.state, self.patience, self.replicas = state, patience, replicas
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        from ray import tune
+
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.state.end_epoch(epoch, logs, f"epoch-{epoch + 1:04d}", self.patience)
+        self.model.stop_training = self.state.stopped_early
+        metrics = {
+            **{k: v if math.isfinite(v) else float("nan") for k, v in logs.items()},
+            "epoch": self.state.epoch,
+            "replicas": self.replicas,  # num_replicas_in_sync, checked against the request
+            "stopped_early": self.state.stopped_early,
+            "trial_started": self.state.started,
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            self.model.save(Path(folder, MODEL_FILE))
+            Path(folder, STATE_FILE).write_text(self.state.to_json().decode())
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _limit_threads(cpus: float) -> None:
+    """Keep TensorFlow to the CPUs Ray gave this trial: by default it sizes its thread
+    pools to the whole machine, and trials sharing a node would oversubscribe it."""
+    import tensorflow as tf
+
+    threads = max(1, int(cpus))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TensorFlow already started in this worker: it keeps its pools
