@@ -85,6 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(sweep, default=None)
     sweep.set_defaults(run=_run_sweep)
+
+    report = commands.add_parser(
+        "report", help="write runs/RUN/report.html: one self-contained page of a run's results"
+    )
+    report.add_argument("run_id", metavar="RUN", help="run id (a folder under <storage>/runs/)")
+    report.add_argument(
+        "--storage", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
+    )
+    report.add_argument(
+        "--history", help="key of a nightly history Parquet table in the storage (trends)"
+    )
+    _add_config_args(report, default=None)
+    report.set_defaults(run=_run_report)
+
+    status = commands.add_parser(
+        "status", help="where a run stands: organs, trials, best metric so far, errors"
+    )
+    status.add_argument("run_id", metavar="RUN", help="run id (a folder under <storage>/runs/)")
+    status.add_argument(
+        "--storage", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
+    )
+    _add_config_args(status, default=None)
+    status.set_defaults(run=_run_status)
     return parser
 
 
@@ -160,7 +183,26 @@ def _sweep(cfg: RunConfig, *, run_id: str | None, address: str | None, progress:
         else:
             print(f"  {row['organ']}: FAILED: {row['error']}")
     print(f"  results: {outcome.uri}")
+    if outcome.report:
+        print(f"  report:  {outcome.report}")
     return 0 if outcome.ok else 1
+
+
+def _run_report(args) -> None:
+    from organtrain.data.manifest import read_parquet
+    from organtrain.report import build_report
+
+    cfg = load_config(args.config, args.overrides)
+    storage = _storage(cfg, args.storage or cfg.storage.uri)
+    history = read_parquet(storage.get_bytes(args.history)) if args.history else None
+    print(storage.url(build_report(storage, args.run_id, history=history)))
+
+
+def _run_status(args) -> None:
+    from organtrain.status import render_status
+
+    cfg = load_config(args.config, args.overrides)
+    print(render_status(_storage(cfg, args.storage or cfg.storage.uri), args.run_id))
 
 
 def _storage(cfg: RunConfig, uri: str):

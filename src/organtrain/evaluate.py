@@ -266,3 +266,100 @@ def history_table(
         for metric, values in history.items()
     ]
     return pa.Table.from_pylist(records, schema=HISTORY_SCHEMA)
+
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        *_key_fields(),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),  # the image file's content hash
+        pa.field("source_key", pa.string(), nullable=False),  # <organ>/<diagnosis>/<file>
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("true_class", pa.string(), nullable=False),
+        pa.field("predicted_class", pa.string(), nullable=False),
+        pa.field("confidence", pa.float64(), nullable=False),  # probability of the prediction
+        pa.field("probabilities", pa.list_(pa.float64()), nullable=False),  # per class, in order
+    ]
+)
+
+
+def predictions_table(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    sha256: Sequence[str],
+    source_keys: Sequence[str],
+    run_id: str,
+    organ: str,
+    model: str,
+    split: str,
+) -> pa.Table:
+    """One row per image: what the model said about it, traceable to the file.
+
+    Paired statistics (champion vs challenger on the same images), calibration and the
+    report's misclassified-image grid all start from this table.
+    """
+    keys = _keys(run_id=run_id, organ=organ, model=model, split=split)
+    labels, prob = _check_inputs(y_true, y_prob, class_names)
+    if not len(sha256) == len(source_keys) == len(labels):
+        raise ValueError(
+            f"{len(labels)} predictions but {len(sha256)} hashes and {len(source_keys)} keys"
+        )
+    predicted = prob.argmax(axis=1)
+    records = [
+        {
+            **keys,
+            "sha256": h,
+            "source_key": k,
+            "label": int(t),
+            "true_class": class_names[t],
+            "predicted_class": class_names[p],
+            "confidence": float(row[p]),
+            "probabilities": [float(v) for v in row],
+        }
+        for h, k, t, p, row in zip(sha256, source_keys, labels, predicted, prob, strict=True)
+    ]
+    return pa.Table.from_pylist(records, schema=PREDICTIONS_SCHEMA)
+
+
+# --- Calibration ---------------------------------------------------------------------------
+# Does "90 % confident" mean right 9 times in 10? A pathologist reading a confidence needs
+# that to hold; networks trained to low loss are often over-confident.
+
+
+@dataclass(frozen=True, eq=False)
+class Reliability:
+    """Top-label calibration in equal-width confidence bins (right-closed: (lo, hi])."""
+
+    edges: np.ndarray  # bins + 1 confidence limits, 0 .. 1
+    confidence: np.ndarray  # mean confidence of the images in each bin (NaN where empty)
+    accuracy: np.ndarray  # fraction of them classified correctly (NaN where empty)
+    count: np.ndarray  # images per bin
+    ece: float  # expected calibration error: Σ count/n · |accuracy − confidence|
+
+
+def reliability(y_true: np.ndarray, y_prob: np.ndarray, bins: int = 10) -> Reliability:
+    """Reliability of the predicted class's probability (the `confidence` of
+    predictions.parquet), and its expected calibration error (Guo et al. 2017): 0 for a
+    perfectly calibrated model, 1 for one that is always certain and always wrong."""
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+    prob = np.asarray(y_prob, dtype=np.float64)
+    if prob.ndim != 2:
+        raise ValueError(f"y_prob must have shape (n, k), got {prob.shape}")
+    labels, prob = _check_inputs(y_true, prob, [str(i) for i in range(prob.shape[1])])
+    confidence = prob.max(axis=1)
+    correct = prob.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Right-closed bins; a confidence of exactly 0 (impossible after a softmax) joins bin 0.
+    which = np.clip(np.searchsorted(edges[1:-1], confidence, side="left"), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    filled = count > 0
+    mean_confidence = np.full(bins, np.nan)
+    accuracy = np.full(bins, np.nan)
+    mean_confidence[filled] = np.bincount(which, confidence, bins)[filled] / count[filled]
+    accuracy[filled] = np.bincount(which, correct.astype(float), bins)[filled] / count[filled]
+    gaps = np.abs(accuracy[filled] - mean_confidence[filled])
+    ece = float(np.sum(count[filled] / labels.size * gaps))
+    return Reliability(edges, mean_confidence, accuracy, count, ece)

@@ -155,3 +155,61 @@ def roc_curves_png(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
     return _png(fig)
+
+
+def reliability_diagram_png(reliability, *, title: str) -> bytes:
+    """Calibration at a glance (takes evaluate.reliability output): per confidence bin,
+    the fraction actually right against the diagonal a calibrated model follows; the gap
+    to the diagonal is shaded, and the lower panel shows how many images each bin holds
+    (a large gap in a nearly empty bin matters little)."""
+    edges, count = reliability.edges, reliability.count
+    if count.sum() == 0:
+        return _message_png("No predictions to calibrate.", title=title)
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    filled = count > 0
+    fig = Figure(figsize=(5.2, 6.0), layout="tight")
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centres[filled], reliability.accuracy[filled], width=width[filled] * 0.95,
+            color="tab:blue", alpha=0.8, label="fraction correct")  # fmt: skip
+    gap_low = np.minimum(reliability.accuracy, reliability.confidence)[filled]
+    gap = np.abs(reliability.accuracy - reliability.confidence)[filled]
+    top.bar(centres[filled], gap, bottom=gap_low, width=width[filled] * 0.95, color="tab:red",
+            alpha=0.3, hatch="//", label="gap to the mean confidence")  # fmt: skip
+    top.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.01)
+    top.set_ylabel("fraction correct")
+    top.set_title(f"{title}\nexpected calibration error {reliability.ece:.3f}")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=9)
+    bottom.bar(centres, count, width=width * 0.95, color="grey")
+    bottom.set_xlabel("confidence (probability of the predicted diagnosis)")
+    bottom.set_ylabel("images")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(fig)
+
+
+def metric_trend_png(
+    series: Mapping[str, tuple[Sequence[str], Sequence[float]]], *, title: str, ylabel: str
+) -> bytes:
+    """One line per organ over successive runs (e.g. nights): name -> (x labels, values).
+    Labels are placed in order of first appearance, so every organ shares one x axis."""
+    if not any(len(values) for _, values in series.values()):
+        return _message_png("No history recorded yet.", title=title)
+    order: dict[str, int] = {}
+    for labels, _ in series.values():
+        for label in labels:
+            order.setdefault(label, len(order))
+    fig = Figure(figsize=(max(5.0, 0.5 * len(order) + 3), 3.6), layout="tight")
+    ax = fig.add_subplot()
+    for name, (labels, values) in series.items():
+        ax.plot([order[x] for x in labels], values, marker="o", markersize=3,
+                label=display_name(name, 30))  # fmt: skip
+    step = max(1, len(order) // 12)  # at most ~12 labels so they stay readable
+    ticks = list(order)[::step]
+    ax.set_xticks([order[x] for x in ticks], ticks, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    return _png(fig)

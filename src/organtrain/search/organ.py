@@ -149,18 +149,11 @@ def _scheduler(job: SweepJob, space: dict):
             grace_period=min(search.grace_period, max_epochs),
             reduction_factor=search.reduction_factor,
         )
-    if search.scheduler == "pbt":
-        mutations = pbt_mutations(space)
-        if not mutations:
-            raise OrgantrainError(
-                "search.scheduler pbt needs search.space to vary train.learning_rate with "
-                "choice, uniform or loguniform: population based training only perturbs "
-                "what a running model can take up"
-            )
+    if search.scheduler == "pbt":  # config.check_space made sure there is a mutation
         return tune.schedulers.PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=search.perturbation_interval,
-            hyperparam_mutations=mutations,
+            hyperparam_mutations=pbt_mutations(space),
         )
     return tune.schedulers.FIFOScheduler()
 

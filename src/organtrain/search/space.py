@@ -118,6 +118,19 @@ def trial_config(cfg: RunConfig, values: dict[str, Any], *, source: str = "trial
 
 def check_space(cfg: RunConfig, *, source: str) -> None:
     """Fail now on any value a trial of any organ could be given that is not valid."""
+    _check_entries(cfg, source)
+    if cfg.search.scheduler == "pbt":
+        for organ in ["", *cfg.search.organ_space]:
+            if not pbt_mutations(organ_space(cfg, organ)):
+                raise ConfigError(
+                    f"{source}: search.scheduler pbt needs search.space"
+                    f"{' (with organ_space.' + organ + ')' if organ else ''} to vary "
+                    f"{' or '.join(PBT_MUTABLE)} with choice, uniform or loguniform: population "
+                    "based training perturbs only what a running model can take up"
+                )
+
+
+def _check_entries(cfg: RunConfig, source: str) -> None:
     for organ in [None, *cfg.search.organ_space]:
         where = f"search.organ_space.{organ}" if organ else "search.space"
         entries = cfg.search.organ_space[organ] if organ else cfg.search.space
@@ -139,9 +152,9 @@ def check_space(cfg: RunConfig, *, source: str) -> None:
                 )
             for value in dim.extremes():
                 try:
-                    trial_config(cfg, {dim.field: value}, source=f"{where}.{key}")
+                    trial_config(cfg, {dim.field: value}, source=f"{where}.{key} = {value!r}")
                 except ConfigError as err:
-                    raise ConfigError(f"{source}: value {value!r}: {err}") from None
+                    raise ConfigError(f"{source}: {err}") from None
 
 
 def pbt_mutations(space: dict[str, Dimension]) -> dict[str, Any]:

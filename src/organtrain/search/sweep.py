@@ -52,6 +52,7 @@ class SweepOutcome:
     uri: str  # the run's folder
     rows: list[dict]  # summary rows, one per organ
     failed: list[str] = field(default_factory=list)
+    report: str | None = None  # URL of runs/<run_id>/report.html
 
     @property
     def ok(self) -> bool:
@@ -91,7 +92,21 @@ def sweep(
     storage.put_bytes(join_key("runs", run_id, SUMMARY), parquet_bytes(summary_table(ordered)))
     failed = [r["organ"] for r in ordered if r["state"] != "done"]
     watcher.write_status("failed" if failed else "finished")
-    return SweepOutcome(run_id, storage.url(join_key("runs", run_id)), ordered, failed)
+    report = _write_report(storage, run_id)
+    return SweepOutcome(run_id, storage.url(join_key("runs", run_id)), ordered, failed, report)
+
+
+def _write_report(storage: Storage, run_id: str) -> str | None:
+    """The run's HTML report; the results are already safe, so a report that cannot be
+    built is a warning (rebuild it with `organtrain report`), not a failed sweep."""
+    from organtrain.report import build_report
+
+    try:
+        return storage.url(build_report(storage, run_id))
+    except Exception as err:  # any failure here must not fail the sweep
+        log.warning("the report could not be written (%s: %s); retry with `organtrain "
+                    "report %s`", type(err).__name__, err, run_id)  # fmt: skip
+        return None
 
 
 def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher) -> None:
@@ -101,6 +116,7 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
 
     # The organ tasks only drive Tune: they take no CPU, so trials get all of it.
     remote = ray.remote(search_organ).options(num_cpus=0, max_retries=0)
+    job = _fair_share(job, len(todo))
     job_ref = ray.put(job)
     pending = {remote.remote(job_ref, organ): organ for organ in todo}
     log.info(
@@ -128,6 +144,23 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _fair_share(job: SweepJob, organs: int) -> SweepJob:
+    """Without a limit, the first organ's Tune would take every free slot and the other
+    organs would wait for its trials; a share of the slots each keeps them all moving."""
+    import ray
+
+    search = job.cfg.search
+    if search.max_concurrent_trials:
+        return job
+    r, total = job.cfg.resources, ray.cluster_resources()
+    slots = total.get("CPU", 1) // r.cpus_per_trial
+    if r.gpus_per_trial:
+        slots = min(slots, total.get("GPU", 0) // r.gpus_per_trial)
+    share = max(1, math.ceil(slots / organs))
+    search = dataclasses.replace(search, max_concurrent_trials=share)
+    return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, search=search))
 
 
 def _stop_signals_interrupt() -> dict:

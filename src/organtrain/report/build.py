@@ -1,0 +1,486 @@
+"""`organtrain report RUN`: one self-contained HTML page for a run, saved beside it.
+
+    runs/<run_id>/report.html
+
+A summary table (one row per organ, every test metric with its 95 % bootstrap interval),
+then one section per organ: figures, calibration, class balance, rejected files, the
+trials of its search, and the test images it got wrong. Organs that failed show their
+error; organs still running say so. An optional nightly history adds trends and
+promotion decisions. Works for `organtrain train` runs and for sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from organtrain import evaluate, plots, stats
+from organtrain.data.dataset import MANIFEST, REJECTED, DatasetIndex, dataset_prefix, load_dataset
+from organtrain.errors import OrgantrainError
+from organtrain.report import html as h
+from organtrain.report.run import OrganRun, Run, load_run, read_table
+from organtrain.report.thumbnails import misclassified, thumbnails_from_test_split
+from organtrain.storage import Storage, join_key
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+SPLITS = ("train", "val", "test")
+FIGURES = (  # file under <organ>/plots/, caption
+    ("learning_curves.png", "Learning curves (training and validation, per epoch)"),
+    ("confusion_matrix.png", "Confusion matrix on the test split"),
+    ("roc.png", "One-vs-rest ROC curves on the test split"),
+    ("sweep.png", "The search: every trial's validation metric"),
+)
+MAX_ROWS = 50  # rows of a rejected-files or trials table before "… and N more"
+
+
+@dataclass
+class DatasetView:
+    """The dataset version the run trained on, or why it could not be read."""
+
+    index: DatasetIndex | None = None
+    manifest: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    problem: str | None = None
+
+
+@dataclass
+class OrganFacts:
+    """Numbers computed for one organ from its predictions.parquet."""
+
+    intervals: dict[str, stats.Interval] | None = None
+    reliability: evaluate.Reliability | None = None
+    predictions: list[dict] = field(default_factory=list)
+    problem: str | None = None
+
+
+def build_report(
+    storage: Storage,
+    run_id: str,
+    *,
+    history: pa.Table | None = None,
+    resamples: int = stats.RESAMPLES,
+    max_thumbnails: int = 24,
+) -> str:
+    """Write runs/<run_id>/report.html; returns its key.
+
+    `history`: the nightly history table (one row per night, organ and metric: `night`,
+    `organ`, `metric`, `value`, optionally `decision`, `p_value`, ...); when given, the
+    report adds its trends and the latest promotion decisions.
+    """
+    run = load_run(storage, run_id)
+    dataset = _dataset_view(run)
+    facts = {name: _organ_facts(run, organ, resamples) for name, organ in run.organs.items()}
+    body = [
+        _header(run, dataset),
+        _summary(run, dataset, facts),
+        _history(history) if history is not None else "",
+        *(_organ_section(run, o, dataset, facts[n], max_thumbnails) for n, o in run.organs.items()),
+        _left_out(run, dataset),
+    ]
+    key = run.key(REPORT)
+    storage.put_bytes(key, h.page(f"organtrain run {run_id}", "\n".join(body)).encode())
+    log.info("report: %s", storage.url(key))
+    return key
+
+
+# --- Gathering ----------------------------------------------------------------------------
+
+
+def _dataset_view(run: Run) -> DatasetView:
+    which = run.dataset()
+    if which is None:
+        return DatasetView(problem="no organ has finished yet, so the dataset is not known")
+    name, version = which
+    try:
+        index = load_dataset(run.storage, name, version)
+    except OrgantrainError as err:
+        return DatasetView(problem=str(err))
+    prefix = dataset_prefix(name, version)
+    return DatasetView(
+        index,
+        read_table(run.storage, join_key(prefix, MANIFEST)) or [],
+        read_table(run.storage, join_key(prefix, REJECTED)) or [],
+    )
+
+
+def _organ_facts(run: Run, organ: OrganRun, resamples: int) -> OrganFacts:
+    if organ.result is None:
+        return OrganFacts()
+    rows = read_table(run.storage, run.key(organ.organ, "metrics", "predictions.parquet"))
+    if not rows:
+        return OrganFacts(problem="metrics/predictions.parquet is missing or empty")
+    labels = np.array([r["label"] for r in rows], dtype=np.int64)
+    prob = np.array([r["probabilities"] for r in rows], dtype=np.float64)
+    classes = organ.result["classes"]
+    return OrganFacts(
+        intervals=stats.bootstrap_metrics(labels, prob, classes, resamples=resamples),
+        reliability=evaluate.reliability(labels, prob),
+        predictions=rows,
+    )
+
+
+def _model_settings(organ: OrganRun) -> dict | None:
+    """The winning trial's configuration (sweeps), else the trained model's settings."""
+    search = (organ.result or {}).get("search") or {}
+    config = search.get("trial_config") or (organ.summary or {}).get("trial_config")
+    if isinstance(config, str):
+        config = json.loads(config)
+    if config:
+        return config
+    return ((organ.result or {}).get("settings") or {}).get("model")
+
+
+def _model_name(organ: OrganRun) -> str:
+    return (organ.result or {}).get("model") or (organ.summary or {}).get("model") or "—"
+
+
+def _trials(organ: OrganRun) -> tuple[int | None, int | None]:
+    """(trials run, trials stopped early) of the organ's search; None for a `train` run."""
+    row = organ.summary or {}
+    search = (organ.result or {}).get("search") or {}
+    entry = (organ.status or {}).get("trials") or {}
+    total = row.get("trials") or search.get("trials") or entry.get("total")
+    early = row.get("trials_stopped_early")
+    if early is None:
+        early = search.get("trials_stopped_early", (organ.status or {}).get("stopped_early"))
+    return total, early
+
+
+def _seconds(organ: OrganRun) -> float | None:
+    return (organ.summary or {}).get("seconds") or (organ.result or {}).get("seconds")
+
+
+# --- Rendering ----------------------------------------------------------------------------
+
+
+def _header(run: Run, dataset: DatasetView) -> str:
+    which = run.dataset()
+    kind = "sweep" if run.sweep else "train"
+    state = (run.status or {}).get("state", "finished" if run.organs else "unknown")
+    if run.status is None and any(o.state != "done" for o in run.organs.values()):
+        state = "incomplete"
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"run kind: <b>{h.text(kind)}</b>, state: <b>{h.text(state)}</b>",
+        f"dataset: <b>{h.text(which[0])}</b> version <code>{h.text(which[1])}</code>"
+        if which
+        else "dataset: unknown",
+        f"storage: <code>{h.text(run.storage.url(run.prefix))}</code>",
+        f"report generated {generated}",
+    ]
+    if run.sweep:
+        metric, mode = run.sweep.get("metric"), run.sweep.get("mode")
+        lines.insert(1, f"search metric: {h.text(metric)} ({h.text(mode)}), "
+                        f"started {h.text(run.sweep.get('started', '?'))}")  # fmt: skip
+    nav = " ".join(f'<a href="#organ-{h.anchor(o)}">{h.text(o)}</a>' for o in run.organs)
+    problem = (
+        f'<p class="note">Dataset details unavailable: {h.text(dataset.problem)}</p>'
+        if dataset.problem
+        else ""
+    )
+    return (
+        f"<header><h1>organtrain run {h.text(run.run_id)}</h1>"
+        f'<p class="meta">{"<br>".join(lines)}</p>{problem}'
+        f"<nav>Organs: {nav or 'none yet'}</nav></header>"
+    )
+
+
+def _summary(run: Run, dataset: DatasetView, facts: dict[str, OrganFacts]) -> str:
+    headers = ["organ", "state", "model", "configuration", "test accuracy", "macro-F1",
+               "macro ROC AUC", "ECE", "train / val / test images", "trials (stopped early)",
+               "time"]  # fmt: skip
+    rows, classes = [], []
+    for name, organ in run.organs.items():
+        i = facts[name].intervals or {}
+        rel = facts[name].reliability
+        total, early = _trials(organ)
+        rows.append([
+            f'<a href="#organ-{h.anchor(name)}">{h.text(name)}</a>',
+            f'<span class="state state-{h.anchor(organ.state)}">{h.text(organ.state)}</span>',
+            h.text(_model_name(organ)),
+            h.settings_text(_model_settings(organ)),
+            *(_interval_cell(i.get(m)) for m in stats.METRICS),
+            h.number(rel.ece if rel else None),
+            h.text(_split_sizes(dataset, name)),
+            h.text(f"{total} ({early or 0})" if total is not None else "—"),
+            f'<td class="num">{h.text(h.duration(_seconds(organ)))}</td>',
+        ])  # fmt: skip
+        classes.append("failed" if organ.state == "failed" else "")
+    note = (
+        "Test metrics with their 95 % percentile-bootstrap interval below (resampling the "
+        "test images); ECE: expected calibration error of the predicted class's probability "
+        "(0 = perfectly calibrated)."
+    )
+    return (
+        '<section id="summary"><h2>Summary</h2>'
+        f'{h.table(headers, rows, row_classes=classes)}<p class="note">{note}</p></section>'
+    )
+
+
+def _interval_cell(interval: stats.Interval | None) -> str:
+    if interval is None:
+        return h.number(None)
+    return h.with_interval(interval.value, interval.low, interval.high)
+
+
+def _split_sizes(dataset: DatasetView, organ: str) -> str:
+    if dataset.index is None or organ not in dataset.index.organs:
+        return "—"
+    return " / ".join(str(dataset.index.split_size(organ, s)) for s in SPLITS)
+
+
+def _organ_section(
+    run: Run, organ: OrganRun, dataset: DatasetView, facts: OrganFacts, max_thumbnails: int
+) -> str:
+    name = organ.organ
+    parts = [f'<section class="organ" id="organ-{h.anchor(name)}"><h2>{h.text(name)}</h2>']
+    parts.append(
+        f'<p>State: <span class="state state-{h.anchor(organ.state)}">{h.text(organ.state)}'
+        f"</span>{_progress(organ)}</p>"
+    )
+    if organ.error:
+        parts.append(f'<pre class="error">{h.text(organ.error)}</pre>')
+    if organ.result:
+        parts.append(_result_facts(organ))
+        parts.append(_figures(run, organ, facts))
+    if facts.problem:
+        parts.append(f'<p class="note">{h.text(facts.problem)}</p>')
+    parts.append(_class_balance(dataset, name))
+    parts.append(_rejected(dataset, name))
+    parts.append(_trials_table(run, organ))
+    if facts.predictions:
+        parts.append(_misclassified(run, organ, dataset, facts, max_thumbnails))
+    parts.append("</section>")
+    return "\n".join(p for p in parts if p)
+
+
+def _progress(organ: OrganRun) -> str:
+    if organ.state == "training" and organ.training:
+        return f" (epoch {h.text(organ.training.get('epoch', '?'))} done; or interrupted)"
+    trials = (organ.status or {}).get("trials")
+    if organ.state in ("searching", "pending", "evaluating") and trials:
+        counts = ", ".join(f"{h.text(v)} {h.text(k)}" for k, v in trials.items())
+        return f" (trials: {counts})"
+    return ""
+
+
+def _result_facts(organ: OrganRun) -> str:
+    r = organ.result
+    search = r.get("search") or {}
+    lines = [
+        f"Model <b>{h.text(r.get('model'))}</b>, classes: "
+        + ", ".join(f"<i>{h.text(c)}</i>" for c in r.get("classes", [])),
+        f"Epochs run {h.text(r.get('epochs_run'))}, best epoch {h.text(r.get('best_epoch'))}"
+        + (" (stopped early)" if r.get("stopped_early") else "")
+        + f", {h.text(r.get('replicas'))} replica(s), global batch {h.text(r.get('global_batch'))}",
+    ]
+    if search:
+        lines.append(
+            f"Best trial <code>{h.text(search.get('trial_id'))}</code>: "
+            f"{h.text(search.get('metric'))} = {h.text(_fmt(search.get('value')))}"
+        )
+    lines.append(f"Files: <code>{h.text(r.get('uri'))}</code>")
+    return "<p>" + "<br>".join(lines) + "</p>"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _figures(run: Run, organ: OrganRun, facts: OrganFacts) -> str:
+    figures = []
+    for file, caption in FIGURES:
+        key = run.key(organ.organ, "plots", file)
+        if run.storage.exists(key):
+            figures.append(h.figure(run.storage.get_bytes(key), caption))
+    if facts.reliability is not None:
+        title = f"{organ.organ} — {_model_name(organ)}"
+        png = plots.reliability_diagram_png(facts.reliability, title=title)
+        figures.append(h.figure(png, "Calibration on the test split (reliability diagram)"))
+    return f'<div class="figures">{"".join(figures)}</div>' if figures else ""
+
+
+def _class_balance(dataset: DatasetView, organ: str) -> str:
+    """Images per diagnosis and split (distinct images, as trained and tested on), and
+    how many more files were identical copies of one of them."""
+    rows = [m for m in dataset.manifest if m["organ"] == organ]
+    if not rows:
+        return ""
+    distinct = Counter((m["diagnosis"], m["split"]) for m in rows if not m["duplicate_of"])
+    copies = Counter(m["diagnosis"] for m in rows if m["duplicate_of"])
+    diagnoses = sorted({m["diagnosis"] for m in rows})
+    table = [
+        [h.text(d), *(h.number(distinct[d, s]) for s in SPLITS),
+         h.number(sum(distinct[d, s] for s in SPLITS)), h.number(copies[d])]
+        for d in diagnoses
+    ]  # fmt: skip
+    table.append(
+        ["<b>all</b>", *(h.number(sum(distinct[d, s] for d in diagnoses)) for s in SPLITS),
+         h.number(sum(distinct.values())), h.number(sum(copies.values()))]
+    )  # fmt: skip
+    headers = ["diagnosis", *SPLITS, "total", "duplicate files"]
+    return f"<h3>Class balance</h3>{h.table(headers, table)}"
+
+
+def _rejected(dataset: DatasetView, organ: str) -> str:
+    rows = [r for r in dataset.rejected if r["organ"] == organ]
+    if not rows:
+        return '<h3>Rejected files</h3><p class="note">None.</p>' if dataset.index else ""
+    return f"<h3>Rejected files ({len(rows)})</h3>{_rejected_table(rows, dataset)}"
+
+
+def _rejected_table(rows: list[dict], dataset: DatasetView) -> str:
+    shown = [
+        [h.text(r["key"]), h.text(r["diagnosis"] or "—"), h.text(r["reason"]), h.text(r["detail"])]
+        for r in rows[:MAX_ROWS]
+    ]
+    more = ""
+    if len(rows) > MAX_ROWS:
+        where = dataset_prefix(dataset.index.dataset, dataset.index.version)
+        more = (
+            f'<p class="note">… and {len(rows) - MAX_ROWS} more in '
+            f"<code>{h.text(join_key(where, REJECTED))}</code></p>"
+        )
+    return h.table(["file", "diagnosis", "reason", "detail"], shown) + more
+
+
+# Columns of trials.parquet that the section's context already says, or that only
+# matter to machines (epoch-second timestamps).
+_TRIAL_COLUMNS_HIDDEN = {"run_id", "organ", "metric", "started", "ended"}
+
+
+def _trials_table(run: Run, organ: OrganRun) -> str:
+    """The organ's trials (sweeps write metrics/trials.parquet), best first."""
+    rows = read_table(run.storage, run.key(organ.organ, "metrics", "trials.parquet"))
+    if not rows:
+        return ""
+    metric = rows[0].get("metric") or (run.sweep or {}).get("metric")
+    value = "best_value" if "best_value" in rows[0] else metric
+    if value in rows[0]:
+        descending = (run.sweep or {}).get("mode", "max") == "max"
+        rows.sort(key=lambda r: _sort_value(r[value], descending))
+    headers = [c for c in rows[0] if c not in _TRIAL_COLUMNS_HIDDEN]
+    cells = [[_trial_cell(c, r[c]) for c in headers] for r in rows[:MAX_ROWS]]
+    names = [c.removeprefix("config/") for c in headers]
+    if value == "best_value" and metric:
+        names[headers.index(value)] = f"best {metric}"
+    more = len(rows) - MAX_ROWS
+    note = f'<p class="note">… and {more} more trials</p>' if more > 0 else ""
+    return f"<h3>Trials ({len(rows)})</h3>{h.table(names, cells)}{note}"
+
+
+def _trial_cell(column: str, value) -> str:
+    if column == "config" and isinstance(value, str) and value.startswith("{"):
+        return h.settings_text(json.loads(value))  # the trial's sampled hyperparameters
+    if column == "seconds" and isinstance(value, float):
+        return h.text(h.duration(value))
+    return _value_cell(value)
+
+
+def _sort_value(value, descending: bool) -> float:
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return math.inf  # unfinished or errored trials last
+    return -value if descending else value
+
+
+def _value_cell(value) -> str:
+    if isinstance(value, float) and not math.isnan(value) and 0 < abs(value) < 1e-3:
+        return f'<td class="num">{value:.3g}</td>'  # learning rates and the like
+    if isinstance(value, float):
+        return h.number(value, 4)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return h.number(value)
+    return h.text("—" if value is None else value)
+
+
+def _misclassified(
+    run: Run, organ: OrganRun, dataset: DatasetView, facts: OrganFacts, cap: int
+) -> str:
+    wrong = misclassified(facts.predictions, cap)
+    total = sum(p["true_class"] != p["predicted_class"] for p in facts.predictions)
+    title = f"<h3>Misclassified test images ({total} of {len(facts.predictions)})</h3>"
+    if not wrong:
+        return title + '<p class="note">None: every test image was classified correctly.</p>'
+    thumbs, problem = {}, ""
+    if dataset.index is not None:
+        try:
+            thumbs = thumbnails_from_test_split(
+                run.storage, dataset.index, organ.organ, {p["sha256"] for p in wrong}
+            )
+        except OrgantrainError as err:
+            problem = f"test images unavailable: {err}"
+    else:
+        problem = f"test images unavailable: {dataset.problem}"
+    cells = []
+    for p in wrong:
+        picture = (
+            h.image(thumbs[p["sha256"]], p["source_key"], mime="image/jpeg")
+            if p["sha256"] in thumbs
+            else '<p class="note">image not found in the test shards</p>'
+        )
+        cells.append(
+            f'<figure class="thumb">{picture}<figcaption>true: <b>{h.text(p["true_class"])}</b>'
+            f"<br>predicted: <b>{h.text(p['predicted_class'])}</b> ({p['confidence']:.2f})"
+            f'<br><span class="note">{h.text(p["source_key"])}</span></figcaption></figure>'
+        )
+    shown = (
+        f'<p class="note">The {len(wrong)} most confident mistakes.</p>'
+        if total > len(wrong)
+        else ""
+    )
+    note = f'<p class="note">{h.text(problem)}</p>' if problem else ""
+    return f'{title}{shown}{note}<div class="thumbs">{"".join(cells)}</div>'
+
+
+def _left_out(run: Run, dataset: DatasetView) -> str:
+    """What the dataset left out beyond the run's organs: files outside any organ, organs
+    with one usable diagnosis, diagnoses too small."""
+    rows = [r for r in dataset.rejected if r["organ"] not in run.organs]
+    excluded = dataset.index.excluded if dataset.index else []
+    if not rows and not excluded:
+        return ""
+    parts = ['<section id="left-out"><h2>Left out of the dataset</h2>']
+    if excluded:
+        items = "".join(f"<li>{h.text(e.get('reason', e))}</li>" for e in excluded)
+        parts.append(f"<ul>{items}</ul>")
+    if rows:
+        parts.append(f"<h3>Rejected files outside the run's organs ({len(rows)})</h3>")
+        parts.append(_rejected_table(rows, dataset))
+    return "".join(parts) + "</section>"
+
+
+def _history(history: pa.Table) -> str:
+    """Nightly trend per organ and metric, and the latest rows (promotion decisions)."""
+    rows = history.to_pylist()
+    parts = ['<section id="history"><h2>History</h2>']
+    x = next((c for c in ("night", "date", "run_id") if c in history.column_names), None)
+    if x and {"organ", "value"} <= set(history.column_names):
+        metrics = sorted({r.get("metric") or "value" for r in rows})
+        figures = []
+        for metric in metrics:
+            series: dict[str, tuple[list[str], list[float]]] = {}
+            for r in rows:
+                if (r.get("metric") or "value") == metric and r["value"] is not None:
+                    labels, values = series.setdefault(r["organ"], ([], []))
+                    labels.append(str(r[x]))
+                    values.append(float(r["value"]))
+            png = plots.metric_trend_png(series, title=metric, ylabel=metric)
+            figures.append(h.figure(png, f"{metric} per {x}"))
+        parts.append(f'<div class="figures">{"".join(figures)}</div>')
+    latest = rows[-MAX_ROWS:]
+    if latest:
+        headers = list(latest[0])
+        parts.append(f"<h3>Latest {len(latest)} rows</h3>")
+        parts.append(h.table(headers, [[_value_cell(r[c]) for c in headers] for r in latest]))
+    else:
+        parts.append('<p class="note">No history yet.</p>')
+    return "".join(parts) + "</section>"

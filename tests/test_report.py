@@ -1,0 +1,329 @@
+"""The run report, built from a tiny REAL run and opened in a real headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from tinyrun import RUN_ID, make_tiny_run
+
+from organtrain.data.manifest import parquet_bytes
+from organtrain.report import REPORT, RunNotFoundError, build_report
+from organtrain.storage import LocalStorage
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+ORGANS = {"lung": ["adenocarcinoma", "benign"], "colon": ["adenocarcinoma", "benign"]}
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> LocalStorage:
+    """A finished `organtrain demo` run of two organs (run id "tiny"), and a sweep-shaped
+    run ("sweep") made from it: lung done with trials, colon failed."""
+    storage = make_tiny_run(tmp_path_factory.mktemp("report"), ORGANS)
+    _sweep_from(storage)
+    return storage
+
+
+def _sweep_from(storage: LocalStorage) -> None:
+    """The layout `organtrain sweep` writes, around the real lung results."""
+    shutil.copytree(storage.path(f"runs/{RUN_ID}/lung"), storage.path("runs/sweep/lung"))
+    result = json.loads(storage.get_bytes("runs/sweep/lung/result.json"))
+    config = {"model": "simple_cnn", "learning_rate": 0.001, "dense_units": 16}
+    result["search"] = {
+        "trial_id": "t0002",
+        "trial_config": config,
+        "metric": "val_accuracy",
+        "value": 0.75,
+        "trials": 3,
+    }
+    storage.put_bytes("runs/sweep/lung/result.json", json.dumps(result).encode())
+    storage.put_bytes(
+        "runs/sweep/sweep.json",
+        json.dumps(
+            {
+                "run_id": "sweep",
+                "dataset": result["dataset"],
+                "dataset_version": result["dataset_version"],
+                "organs": ["lung", "colon"],
+                "metric": "val_accuracy",
+                "mode": "max",
+                "started": "2026-01-01T00:00:00Z",
+            }
+        ).encode(),
+    )
+    error = "Traceback (most recent call last):\n  ...\nValueError: <boom> & friends"
+    storage.put_bytes(
+        "runs/sweep/status.json",
+        json.dumps(
+            {
+                "run_id": "sweep",
+                "updated": "2026-01-01T01:00:00Z",
+                "state": "finished",
+                "metric": "val_accuracy",
+                "mode": "max",
+                "organs": {
+                    "lung": {
+                        "state": "done",
+                        "trials": {
+                            "total": 3,
+                            "pending": 0,
+                            "running": 0,
+                            "terminated": 3,
+                            "error": 0,
+                        },
+                        "stopped_early": 1,
+                        "best": 0.75,
+                        "best_trial": "t0002",
+                        "error": None,
+                        "test_accuracy": 0.5,
+                    },
+                    "colon": {
+                        "state": "failed",
+                        "trials": {
+                            "total": 2,
+                            "pending": 0,
+                            "running": 0,
+                            "terminated": 0,
+                            "error": 2,
+                        },
+                        "stopped_early": 0,
+                        "best": None,
+                        "best_trial": None,
+                        "error": error,
+                        "test_accuracy": None,
+                    },
+                },
+            }
+        ).encode(),
+    )
+    summary = [
+        {
+            "organ": "lung",
+            "state": "done",
+            "model": "simple_cnn",
+            "trial_config": json.dumps(config),
+            "trials": 3,
+            "trials_stopped_early": 1,
+            "seconds": 75.0,
+            "error": None,
+        },
+        {
+            "organ": "colon",
+            "state": "failed",
+            "model": None,
+            "trial_config": None,
+            "trials": 2,
+            "trials_stopped_early": 0,
+            "seconds": 12.0,
+            "error": error,
+        },
+    ]
+    storage.put_bytes("runs/sweep/summary.parquet", parquet_bytes(pa.Table.from_pylist(summary)))
+    trials = [  # the columns `organtrain sweep` writes
+        {
+            "run_id": "sweep",
+            "organ": "lung",
+            "trial_id": f"t000{i}",
+            "status": "terminated",
+            "stop_reason": reason,
+            "epochs": epochs,
+            "epochs_asked": 3,
+            "metric": "val_accuracy",
+            "best_value": value,
+            "best_epoch": epochs,
+            "replicas": 1,
+            "seconds": 20.0 + i,
+            "started": 1.0,
+            "ended": 2.0,
+            "error": None,
+            "config": json.dumps({"train.learning_rate": 10.0 ** -(i + 2)}),
+        }
+        for i, (reason, epochs, value) in enumerate(
+            [("completed", 3, 0.5), ("scheduler", 1, 0.4), ("completed", 3, 0.75)]
+        )
+    ]
+    storage.put_bytes(
+        "runs/sweep/lung/metrics/trials.parquet", parquet_bytes(pa.Table.from_pylist(trials))
+    )
+
+
+def _chromium() -> str:
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+    if found is None:
+        message = "headless Chromium not found: `.ci/chromium-up.sh` installs it (Debian)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must check the report in a browser, never skip it
+        pytest.skip(message)
+    return found
+
+
+def _browser_check(chromium: str, report: Path, tmp_path: Path) -> dict:
+    """Load a copy of the report plus a test-only script that reports, into the DOM, every
+    image that failed to decode; the shipped report itself has no scripts (and its CSP
+    forbids them, hence removed from the copy)."""
+    page = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", report.read_text())
+    script = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const out = document.createElement("pre");
+  out.id = "check";
+  out.textContent = JSON.stringify({
+    images: images.length,
+    broken: images.filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.alt),
+    sections: Array.from(document.querySelectorAll("section.organ")).map((s) => s.id),
+  });
+  document.body.appendChild(out);
+});
+</script>"""
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.replace("</body>", script + "</body>"))
+    done = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = re.search(r'<pre id="check">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"the check did not run:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def _screenshot(chromium: str, report: Path, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / name
+    subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--screenshot={shot}",
+            "--window-size=1280,4000",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return shot
+
+
+def _assert_self_contained(page: str) -> None:
+    assert "<script" not in page.lower()
+    sources = re.findall(r'<img[^>]* src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/") for s in sources)
+    assert not re.search(r"(href|src)=\"(https?:|//)", page) and "url(" not in page
+    assert "<link" not in page
+
+
+def test_train_run_report_opens_in_a_browser(store, tmp_path):
+    key = build_report(store, RUN_ID, resamples=200)
+    assert key == f"runs/{RUN_ID}/{REPORT}"
+    report = store.path(key)
+    page = report.read_text()
+    _assert_self_contained(page)
+    for organ in ORGANS:
+        assert f'id="organ-{organ}"' in page
+    assert "Class balance" in page and "Misclassified test images" in page
+    assert "not_an_image" in page and "broken.png" in page  # lung's rejected file
+    assert "bad_layout" in page and "lung/notes.txt" in page  # outside any diagnosis
+    # Each organ: its stored plots + the reliability diagram; thumbnails for its mistakes.
+    stored = sum(1 for organ in ORGANS for _ in store.list(f"runs/{RUN_ID}/{organ}/plots"))
+    assert stored >= 2 * 3 and page.count('<figure class="plot">') == stored + 2
+    assert page.count('<figure class="thumb">') == page.count("data:image/jpeg") > 0
+
+    chromium = _chromium()
+    check = _browser_check(chromium, report, tmp_path)
+    assert check["broken"] == [] and check["images"] >= 8
+    assert sorted(check["sections"]) == ["organ-colon", "organ-lung"]
+    shot = _screenshot(chromium, report, "report-train.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_sweep_report_shows_trials_failures_and_history(store, tmp_path):
+    history = pa.Table.from_pylist(
+        [
+            {
+                "night": f"2026-01-0{d}",
+                "organ": organ,
+                "metric": "test_accuracy",
+                "value": 0.8 + 0.01 * d,
+                "decision": "promoted" if d == 3 else "kept",
+            }
+            for d in (1, 2, 3)
+            for organ in ("lung", "colon")
+        ]
+    )
+    page = store.path(build_report(store, "sweep", history=history, resamples=200)).read_text()
+    _assert_self_contained(page)
+    assert "search metric: val_accuracy (max)" in page
+    assert "learning_rate=0.001" in page and "3 (1)" in page  # trial config, trials (early)
+    assert "<h3>Trials (3)</h3>" in page
+    assert page.index("t0002") < page.index("t0000") < page.index("t0001")  # best first
+    colon = page[page.index('id="organ-colon"') :]
+    assert "state-failed" in colon
+    assert "ValueError: &lt;boom&gt; &amp; friends" in colon  # escaped, whole
+    assert '<tr class="failed">' in page
+    assert '<section id="history">' in page and "promoted" in page
+
+    chromium = _chromium()
+    check = _browser_check(chromium, store.path("runs/sweep/report.html"), tmp_path)
+    assert check["broken"] == [] and check["sections"] == ["organ-lung", "organ-colon"]
+    _screenshot(chromium, store.path("runs/sweep/report.html"), "report-sweep.png")
+
+
+def test_report_intervals_match_the_stored_metrics(store):
+    from organtrain.report.build import _organ_facts
+    from organtrain.report.run import load_run
+
+    run = load_run(store, RUN_ID)
+    lung = run.organs["lung"]
+    facts = _organ_facts(run, lung, resamples=100)
+    accuracy = facts.intervals["accuracy"]
+    assert accuracy.value == pytest.approx(lung.result["test_accuracy"])
+    assert facts.intervals["macro_f1"].value == pytest.approx(lung.result["test_macro_f1"])
+    assert accuracy.low <= accuracy.value <= accuracy.high
+    assert 0 <= facts.reliability.ece <= 1
+    assert facts.reliability.count.sum() == lung.result["test_images"]
+    assert np.isfinite(facts.intervals["macro_roc_auc"].value)
+
+
+def test_missing_run_is_a_clear_error(store):
+    with pytest.raises(RunNotFoundError, match=r"no run 'nope': .*runs/nope/ holds no"):
+        build_report(store, "nope")
+    with pytest.raises(RunNotFoundError, match=r"invalid run id '\.\.'"):
+        build_report(store, "..")
+
+
+def test_report_from_s3(store, s3_uri, tmp_path, monkeypatch):
+    """The same run in a real S3 server (SeaweedFS): the report is written beside it."""
+    from organtrain.storage import open_storage
+
+    monkeypatch.setenv("ORGANTRAIN_CACHE_DIR", str(tmp_path / "cache"))  # shards come from S3
+    s3 = open_storage(s3_uri)
+    for info in store.list():
+        if info.key.startswith((f"runs/{RUN_ID}/", "datasets/")):
+            s3.put_bytes(info.key, store.get_bytes(info.key))
+    key = build_report(s3, RUN_ID, resamples=100)
+    page = s3.get_bytes(key).decode()
+    _assert_self_contained(page)
+    assert 'id="organ-lung"' in page and 'id="organ-colon"' in page
+    assert page.count('<figure class="thumb">') == page.count("data:image/jpeg") > 0
+    assert s3_uri in page  # the storage line names where the run lives

@@ -1,0 +1,58 @@
+"""A tiny REAL `organtrain train` run of several organs, for the tests of what reads a run
+back (the report, the status table): synthetic images → prepare → train each organ, in
+this process (the same calls `organtrain demo` used to make before it became a sweep;
+a real sweep takes minutes on two cores, too slow to share here).
+
+The run id is "tiny"; results land in <root>/store/runs/tiny/<organ>/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from organtrain.config import load_config
+from organtrain.data.prepare import prepare
+from organtrain.data.synth import write_synthetic_tree
+from organtrain.storage import LocalStorage
+from organtrain.train import train_organ
+
+RUN_ID = "tiny"
+
+
+def tiny_job(root: Path, organs: dict[str, list[str]]) -> dict:
+    return {
+        "name": RUN_ID,
+        "storage": {"uri": str(root / "store")},
+        "synth": {"organs": organs, "images_per_diagnosis": 24, "image_size": 32,
+                  "out": str(root / "src")},
+        "prepare": {"source": str(root / "src"), "dataset": "tiny", "test_fraction": 0.25,
+                    "val_fraction": 0.25, "min_images_per_diagnosis": 5, "max_image_side": 32,
+                    "images_per_shard": 8},
+        "input": {"image_size": 32, "batch_size": 4, "shuffle_buffer": 64},
+        "model": {"name": "simple_cnn", "filters": [8, 16], "dense_units": 16},
+        "train": {"epochs": 1, "early_stopping_patience": 0, "cpu_replicas": 1},
+    }  # fmt: skip
+
+
+def make_tiny_run(root: Path, organs: dict[str, list[str]]) -> LocalStorage:
+    """Train every organ of a fresh tiny dataset under `root`; returns the storage.
+
+    Two unusable files are placed in the first organ's tree first, so the dataset has
+    rejected files to show (synth adds its images beside them).
+    """
+    first = next(iter(organs))
+    (root / "src" / first / organs[first][0]).mkdir(parents=True)
+    (root / "src" / first / organs[first][0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (root / "src" / first / "notes.txt").write_text("not an image")
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_job(root, organs)))
+    cfg = load_config(path)
+    write_synthetic_tree(cfg.synth.out, organs=organs, images_per_diagnosis=24, image_size=32,
+                         progress=False)  # fmt: skip
+    storage = LocalStorage(cfg.storage.uri)
+    prepare(LocalStorage(cfg.prepare.source), storage, cfg.prepare, progress=False)
+    for organ in organs:
+        train_organ(cfg, storage, organ, run_id=RUN_ID, verbose=0)
+    return storage
