@@ -30,6 +30,24 @@ def test_put_get_roundtrip_records_sha256(storage):
     assert storage.stat("a/b/c.bin").size == 5
 
 
+def _claim(args):
+    uri, key, who = args
+    return who if open_storage(uri).put_if_absent(key, who.encode()) else None
+
+
+def test_put_if_absent_lets_exactly_one_writer_win(storage):
+    assert storage.put_if_absent("locks/x", b"first")
+    assert not storage.put_if_absent("locks/x", b"second")
+    assert storage.get_bytes("locks/x") == b"first"
+    assert [i.key for i in storage.list("locks")] == ["locks/x"]  # no temporary left
+    # Eight processes race for one key: one wins, and the object is the winner's.
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        won = pool.map(_claim, [(storage.uri, "locks/race", f"w{i}") for i in range(8)])
+    winners = [w for w in won if w]
+    assert len(winners) == 1
+    assert storage.get_bytes("locks/race") == winners[0].encode()
+
+
 def test_overwrite_replaces_whole_object(storage):
     storage.put_bytes("k", b"old contents")
     storage.put_bytes("k", b"new")

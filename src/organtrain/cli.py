@@ -1,4 +1,5 @@
-"""The `organtrain` command line: `organtrain demo | synth | prepare | train | sweep`."""
+"""The `organtrain` command line: demo, synth, prepare, train, sweep, nightly, models,
+report, status."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 
 from organtrain.config import RunConfig, load_config
-from organtrain.errors import OrgantrainError
+from organtrain.errors import ConfigError, OrgantrainError
 
 log = logging.getLogger("organtrain")
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args.run(args)
     except OrgantrainError as err:
         print(f"organtrain: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("organtrain: interrupted; re-run the same command to continue", file=sys.stderr)
         return 130
@@ -85,6 +86,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(sweep, default=None)
     sweep.set_defaults(run=_run_sweep)
+
+    night = commands.add_parser(
+        "nightly",
+        help="prepare new images, retrain changed organs, promote better models",
+        description="One night of retraining, keyed by its date: prepare, find changed "
+        "organs, sweep them, compare each challenger with the champion on the same test "
+        "images, promote by the nightly rule, record the history, write the report. Exit "
+        "status: 0 done, 1 some organ failed, 2 bad input, 3 another nightly for this date "
+        "is running, 130 interrupted (run it again to continue).",
+    )
+    night.add_argument("--date", help="the night, YYYY-MM-DD (default: today, UTC)")
+    night.add_argument("--run-id", help="default: nightly-<date>")
+    night.add_argument("--address", help="Ray cluster address (see `organtrain sweep`)")
+    _add_config_args(night, default=None)
+    night.set_defaults(run=_run_nightly)
+
+    models = commands.add_parser("models", help="the model registry: versions and champions")
+    models_commands = models.add_subparsers(required=True, metavar="ACTION")
+    for name, helptext in (
+        ("list", "every organ's champion and number of versions"),
+        ("show", "one organ's versions, its champion marked"),
+        ("promote", "make a version the organ's champion"),
+        ("rollback", "make the previous champion the champion again"),
+    ):
+        action = models_commands.add_parser(name, help=helptext)
+        if name != "list":
+            action.add_argument("organ", metavar="ORGAN")
+        if name == "promote":
+            action.add_argument("version", metavar="VERSION")
+        action.add_argument(
+            "--storage", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
+        )
+        _add_config_args(action, default=None)
+        action.set_defaults(run=_run_models, action=name)
 
     report = commands.add_parser(
         "report", help="write runs/RUN/report.html: one self-contained page of a run's results"
@@ -186,6 +221,65 @@ def _sweep(cfg: RunConfig, *, run_id: str | None, address: str | None, progress:
     if outcome.report:
         print(f"  report:  {outcome.report}")
     return 0 if outcome.ok else 1
+
+
+def _run_nightly(args) -> int:
+    import datetime
+
+    from organtrain.nightly import nightly
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        night = datetime.date.fromisoformat(args.date) if args.date else None
+    except ValueError:
+        raise ConfigError(f"--date {args.date!r}: write the night as YYYY-MM-DD") from None
+    outcome = nightly(
+        cfg, night=night, run_id=args.run_id, address=args.address, progress=not args.no_progress
+    )
+    print(f"nightly {outcome.run_id}:")
+    for d in outcome.decisions:
+        print(f"  {d.organ}: {d.reason}")
+    if outcome.report:
+        print(f"  report: {outcome.report}")
+    return 1 if outcome.failed else 0
+
+
+def _run_models(args) -> None:
+    from organtrain import registry
+
+    cfg = load_config(args.config, args.overrides)
+    storage = _storage(cfg, args.storage or cfg.storage.uri)
+    if args.action == "list":
+        organs = registry.organs(storage)
+        if not organs:
+            print(f"no models registered in {storage.uri}")
+        for organ in organs:
+            champion = registry.champion(storage, organ)
+            count = len(registry.versions(storage, organ))
+            serving = (
+                f"champion {champion.version} since {champion.since}" if champion else "no champion"
+            )
+            print(f"{organ}: {serving}; {count} version(s)")
+    elif args.action == "show":
+        champion = registry.champion(storage, args.organ)
+        found = registry.versions(storage, args.organ)
+        if not found:
+            raise ConfigError(f"no model versions of {args.organ!r} in {storage.uri}")
+        for v in found:
+            mark = "*" if champion and champion.version == v.version else " "
+            metrics = ", ".join(f"{k} {val:.3f}" for k, val in v.test_metrics.items())
+            print(f"{mark} {v.version}  {v.created}  {v.model}  {metrics}  "
+                  f"({v.test_images} test images, dataset {v.dataset_version})")  # fmt: skip
+        if champion:
+            print(f"champion {champion.version}: {champion.reason}")
+    elif args.action == "promote":
+        champion = registry.promote(
+            storage, args.organ, args.version, reason="promoted by hand (organtrain models promote)"
+        )
+        print(f"{args.organ}: champion is now {champion.version}")
+    else:
+        champion = registry.rollback(storage, args.organ)
+        print(f"{args.organ}: champion is now {champion.version} (rolled back)")
 
 
 def _run_report(args) -> None:

@@ -297,6 +297,43 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class NightlyConfig:
+    """`organtrain nightly`: what changed, what to retrain, when a challenger wins."""
+
+    retrain_all: bool = False  # retrain every organ, changed or not
+    # The challenger replaces the champion when, on the same test images, its metric is at
+    # least the champion's minus `margin` (0: not worse).
+    metric: str = "accuracy"  # accuracy, macro_f1 or macro_roc_auc
+    margin: float = 0.0
+    # Also require a significant improvement: exact McNemar test and the paired bootstrap
+    # interval of the difference both at `alpha`.
+    require_significant: bool = False
+    alpha: float = 0.05
+    # A new diagnosis changes the label set: the old champion cannot classify it, so the
+    # two cannot be compared like for like. "promote" the challenger, or "keep" the champion
+    # until a person decides (`organtrain models promote`).
+    on_new_diagnosis: str = "promote"
+    # A lock whose holder has not refreshed it for this long is taken over (the holder
+    # died); a holder refreshes it every 30 s.
+    lock_stale_after_s: int = 600
+
+    def __post_init__(self):
+        _require(
+            self.metric in ("accuracy", "macro_f1", "macro_roc_auc"),
+            "metric",
+            "must be accuracy, macro_f1 or macro_roc_auc",
+        )
+        _require(0 <= self.margin < 1, "margin", "must be in [0, 1)")
+        _require(0 < self.alpha < 1, "alpha", "must be between 0 and 1")
+        _require(
+            self.on_new_diagnosis in ("promote", "keep"),
+            "on_new_diagnosis",
+            "must be promote or keep",
+        )
+        _require(self.lock_stale_after_s >= 60, "lock_stale_after_s", "must be at least 60")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One run of organtrain: what to read, where to write, how to train."""
 
@@ -310,6 +347,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:

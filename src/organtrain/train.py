@@ -197,6 +197,34 @@ def compiled_model(cfg: RunConfig, n_classes: int) -> keras.Model:
     return model
 
 
+def predict_split(
+    model: keras.Model,
+    storage: Storage,
+    index: DatasetIndex,
+    organ: str,
+    split: str,
+    *,
+    image_size: int,
+    batch_size: int,
+    cache_dir: str | None = None,
+):
+    """(labels, probabilities, sha256s, source keys) of every image of one split."""
+    data = build_dataset(
+        shard_files(storage, index, organ, split, cache_dir),
+        num_images=index.split_size(organ, split), image_size=image_size,
+        batch_size=batch_size, training=False, cache_images=False, with_keys=True,
+    )  # fmt: skip
+    batches = [
+        (model.predict_on_batch(images), labels.numpy(), hashes.numpy(), keys.numpy())
+        for images, labels, hashes, keys in data
+    ]
+    y_prob = np.concatenate([b[0] for b in batches])
+    y_true = np.concatenate([b[1] for b in batches])
+    hashes = [h.decode() for b in batches for h in b[2]]
+    keys = [k.decode() for b in batches for k in b[3]]
+    return y_true, y_prob, hashes, keys
+
+
 def finish(
     cfg,
     storage,
@@ -213,19 +241,10 @@ def finish(
     search=None,
 ):
     """Evaluate the best model on the test split; publish tables, plots, model, result."""
-    test = build_dataset(
-        shard_files(storage, index, organ, "test", cfg.input.cache_dir),
-        num_images=index.split_size(organ, "test"), image_size=cfg.input.image_size,
-        batch_size=global_batch, training=False, cache_images=False, with_keys=True,
+    y_true, y_prob, hashes, keys = predict_split(
+        model, storage, index, organ, "test", image_size=cfg.input.image_size,
+        batch_size=global_batch, cache_dir=cfg.input.cache_dir,
     )  # fmt: skip
-    batches = [
-        (model.predict_on_batch(images), labels.numpy(), hashes.numpy(), keys.numpy())
-        for images, labels, hashes, keys in test
-    ]
-    y_prob = np.concatenate([b[0] for b in batches])
-    y_true = np.concatenate([b[1] for b in batches])
-    hashes = [h.decode() for b in batches for h in b[2]]
-    keys = [k.decode() for b in batches for k in b[3]]
     rows = evaluate.evaluate_predictions(y_true, y_prob, classes)
     ident = dict(run_id=run_id, organ=organ, model=cfg.model.name)
     matrix = evaluate.confusion(y_true, y_prob.argmax(axis=1), len(classes))

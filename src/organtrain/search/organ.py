@@ -51,7 +51,7 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     cfg, search = job.cfg, job.cfg.search
     started = time.monotonic()
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job=job, organ=organ),
+        organ_trainable(job, organ),
         {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
     )
     experiment, fs = tune_experiment(job, organ)
@@ -132,6 +132,18 @@ def search_organ(job: SweepJob, organ: str) -> dict:
         )
     )  # fmt: skip
     return summary_row(job, organ, result, seconds=time.monotonic() - started)
+
+
+def organ_trainable(job: SweepJob, organ: str):
+    """The trainable of one organ's trials, named after the organ. Tune registers
+    trainables cluster-wide by name: organs searched at once under one name (as
+    tune.with_parameters would give them) would overwrite each other's parameters."""
+
+    def trainable(config: dict) -> None:
+        run_trial(config, job, organ)
+
+    trainable.__name__ = trainable.__qualname__ = f"train_{organ}"
+    return trainable
 
 
 def _best_value(result, metric: str, mode: str) -> float:

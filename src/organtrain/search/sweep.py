@@ -60,14 +60,22 @@ class SweepOutcome:
 
 
 def sweep(
-    cfg: RunConfig, *, run_id: str | None = None, address: str | None = None, progress: bool = True
+    cfg: RunConfig,
+    *,
+    run_id: str | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    dataset_version: str | None = None,
+    report: bool = True,
 ) -> SweepOutcome:
+    """Search every organ of `cfg.search.organs` (None: all) on `dataset_version` (None:
+    the latest; a resumed run keeps the version it started with)."""
     run_id = run_id or cfg.name
     cfg = _absolute_paths(cfg)
     storage = open_storage(
         cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
     )
-    plan = _plan(cfg, storage, run_id)
+    plan = _plan(cfg, storage, run_id, dataset_version)
     job = SweepJob(cfg, run_id, plan["dataset_version"], expected_replicas(cfg))
     organs = plan["organs"]
     rows: dict[str, dict] = {}
@@ -92,7 +100,7 @@ def sweep(
     storage.put_bytes(join_key("runs", run_id, SUMMARY), parquet_bytes(summary_table(ordered)))
     failed = [r["organ"] for r in ordered if r["state"] != "done"]
     watcher.write_status("failed" if failed else "finished")
-    report = _write_report(storage, run_id)
+    report = _write_report(storage, run_id) if report else None
     return SweepOutcome(run_id, storage.url(join_key("runs", run_id)), ordered, failed, report)
 
 
@@ -220,7 +228,9 @@ def sweep_settings(cfg: RunConfig) -> dict:
     return {**trial_settings(cfg), "search": search}
 
 
-def _plan(cfg: RunConfig, storage: Storage, run_id: str) -> dict:
+def _plan(
+    cfg: RunConfig, storage: Storage, run_id: str, dataset_version: str | None = None
+) -> dict:
     """The run's plan, `runs/<run_id>/sweep.json`: written by the first invocation, read
     by every later one, so a resumed sweep uses the same dataset version and organs."""
     key = join_key("runs", run_id, SWEEP)
@@ -229,7 +239,7 @@ def _plan(cfg: RunConfig, storage: Storage, run_id: str) -> dict:
         plan = json.loads(storage.get_bytes(key))
         require_same_settings(plan["settings"], settings, storage.url(join_key("runs", run_id)))
         return plan
-    index = load_dataset(storage, cfg.prepare.dataset)
+    index = load_dataset(storage, cfg.prepare.dataset, dataset_version)
     available = sorted(index.organs)
     organs = cfg.search.organs or available
     for organ in [*organs, *cfg.search.organ_space]:

@@ -94,6 +94,11 @@ class Storage(ABC):
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Publish `data` at `key` only if nothing is there, atomically; False if something
+        was. The building block of locks: of two writers, exactly one gets True."""
+        raise NotImplementedError(f"{type(self).__name__} cannot create objects exclusively")
+
     def tune_location(self, key: str):
         """(path, pyarrow filesystem or None) for Ray Tune's `storage_path`: Tune writes
         its experiment state and checkpoints itself, through pyarrow."""

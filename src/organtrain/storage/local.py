@@ -68,6 +68,28 @@ class LocalStorage(Storage):
             raise StorageError(f"cannot write {target}: {err.strerror or err}") from None
         return ObjectInfo(key=key, size=target.stat().st_size, sha256=digest)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write a temporary file, then hard-link it to the target: link(2) fails if the
+        target exists, so exactly one of concurrent writers (processes, NFS clients) wins,
+        and the winner's file is complete when it appears."""
+        target = self.path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        except OSError as err:
+            raise StorageError(f"cannot write {target}: {err.strerror or err}") from None
+
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
         path = self.path(key)
         try:

@@ -133,6 +133,23 @@ class S3Storage(Storage):
         )
         return ObjectInfo(key=key, size=len(data), sha256=digest)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """A conditional PutObject (If-None-Match: *): S3 refuses it with 412 when the key
+        exists, so of two writers exactly one succeeds."""
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
+                Metadata={SHA256_META: sha256_bytes(data)},
+            )  # fmt: skip
+        except botocore.exceptions.ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise self._fail(err, key) from None
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._fail(err, key) from None
+        return True
+
     def put_file(self, key: str, path: str | Path) -> ObjectInfo:
         digest = sha256_file(path)
         self._call(

@@ -1,0 +1,465 @@
+"""`organtrain nightly`: prepare what arrived, retrain what changed, promote what is better.
+
+One night, keyed by its date (run id `nightly-YYYY-MM-DD`):
+
+1. a lock in storage, so a second nightly for the same night exits instead of racing;
+2. `prepare` on the source: new images are added, the split never moves, an unchanged
+   source gives the same dataset version and writes nothing;
+3. which organs changed: an organ's fingerprint (its diagnoses and the checksums of its
+   shards) is compared with the one recorded by the last night; organs without a
+   champion, and organs whose last night failed, count as changed;
+4. `sweep` over the changed organs (resumable: it is the same run id on a re-run);
+5. per trained organ: the challenger is registered as a model version, the champion is
+   evaluated on the same test images, and the configured rule decides; the decision is
+   written before the champion pointer moves, so a re-run applies the same decision;
+6. the history table `nightly/history.parquet` gets this night's rows (replacing any an
+   earlier attempt of the same night wrote), and the report is written.
+
+    runs/<run_id>/nightly.json               the night's plan: dataset version, fingerprints
+    runs/<run_id>/decisions/<organ>.json     one decision per organ
+    nightly/history.parquet                  one row per organ per night
+    nightly/locks/<run_id>.json              held while the night runs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+import typing
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from organtrain import registry
+from organtrain.config import RunConfig
+from organtrain.data.dataset import DatasetIndex, load_dataset
+from organtrain.data.manifest import parquet_bytes, read_parquet
+from organtrain.errors import ObjectNotFoundError, OrgantrainError
+from organtrain.storage import Storage, join_key, open_storage
+
+log = logging.getLogger(__name__)
+
+HISTORY = "nightly/history.parquet"
+PLAN = "nightly.json"
+HEARTBEAT_S = 30
+
+
+class NightlyRunning(OrgantrainError):
+    """Another nightly holds this night's lock."""
+
+    exit_code = 3
+
+
+@dataclass
+class Decision:
+    """What one night did for one organ: a history row."""
+
+    night: str
+    run_id: str
+    organ: str
+    dataset_version: str
+    fingerprint: str
+    changed: bool
+    change: str  # why it counts as changed (or not)
+    trained: bool
+    metric: str
+    champion_before: str | None = None
+    champion_value: float = math.nan
+    challenger: str | None = None
+    challenger_value: float = math.nan
+    diff: float = math.nan  # challenger - champion, on the same test images
+    ci_low: float = math.nan  # paired bootstrap interval of diff
+    ci_high: float = math.nan
+    p_value: float = math.nan  # exact McNemar
+    significant: bool = False
+    promoted: bool = False
+    champion_after: str | None = None
+    reason: str = ""
+    error: str | None = None
+
+
+def _arrow_type(hint) -> pa.DataType:
+    return {bool: pa.bool_(), float: pa.float64()}.get(hint, pa.string())  # else str | None
+
+
+# One column per Decision field, typed from its annotation.
+HISTORY_SCHEMA = pa.schema(
+    [pa.field(name, _arrow_type(hint)) for name, hint in typing.get_type_hints(Decision).items()]
+)
+
+
+@dataclass
+class NightlyOutcome:
+    run_id: str
+    decisions: list[Decision]
+    report: str | None
+
+    @property
+    def failed(self) -> list[str]:
+        return [d.organ for d in self.decisions if d.error]
+
+
+def fingerprint(index: DatasetIndex, organ: str) -> str:
+    """Changes exactly when the organ's images or diagnoses change: shards are written
+    deterministically from the images (sha256 order), so equal images give equal shards."""
+    shards = sorted((s.key, s.sha256) for s in index.shards if s.organ == organ)
+    text = json.dumps({"diagnoses": index.diagnoses(organ), "shards": shards})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def nightly(
+    cfg: RunConfig,
+    *,
+    night: date | None = None,
+    run_id: str | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> NightlyOutcome:
+    night = night or datetime.now(timezone.utc).date()
+    run_id = run_id or f"nightly-{night.isoformat()}"
+    storage = open_storage(
+        cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
+    )
+    with NightLock(storage, run_id, stale_after=cfg.nightly.lock_stale_after_s):
+        plan = _plan(cfg, storage, run_id, night, progress)
+        changed = [o for o, p in plan["organs"].items() if p["changed"]]
+        log.info(
+            "night %s: dataset %s version %s; changed: %s", night, cfg.prepare.dataset,
+            plan["dataset_version"], ", ".join(changed) or "nothing",
+        )  # fmt: skip
+        rows = _train(cfg, run_id, changed, plan, address, progress) if changed else {}
+        decisions = [
+            _decide(cfg, storage, run_id, organ, plan, rows.get(organ)) for organ in plan["organs"]
+        ]
+        history = _append_history(storage, run_id, decisions)
+        report = _report(storage, run_id, history)
+    return NightlyOutcome(run_id, decisions, report)
+
+
+def _plan(cfg: RunConfig, storage: Storage, run_id: str, night: date, progress: bool) -> dict:
+    """What tonight is about, fixed by its first attempt: a re-run after a kill must not
+    see its own half-finished work as 'unchanged'."""
+    key = join_key("runs", run_id, PLAN)
+    if storage.exists(key):
+        return json.loads(storage.get_bytes(key))
+    from organtrain.data.prepare import prepare
+
+    source = open_storage(
+        cfg.prepare.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
+    )
+    prepared = prepare(source, storage, cfg.prepare, progress=progress)
+    index = load_dataset(storage, prepared.dataset, prepared.version)
+    last = _last_nights(storage, run_id)
+    organs = {}
+    for organ in sorted(index.organs):
+        fp = fingerprint(index, organ)
+        previous = last.get(organ)
+        has_champion = registry.champion(storage, organ) is not None
+        if cfg.nightly.retrain_all:
+            change = "nightly.retrain_all is set"
+        elif not has_champion:
+            change = "no champion yet"
+        elif previous is None:
+            change = "no earlier night recorded"
+        elif previous["error"]:
+            change = f"the last night ({previous['night']}) failed"
+        elif previous["fingerprint"] != fp:
+            change = f"images or diagnoses changed since {previous['night']}"
+        else:
+            change = ""
+        organs[organ] = {"fingerprint": fp, "changed": bool(change),
+                         "change": change or f"unchanged since {previous['night']}"}  # fmt: skip
+    plan = {
+        "night": night.isoformat(),
+        "run_id": run_id,
+        "dataset": index.dataset,
+        "dataset_version": index.version,
+        "organs": organs,
+    }
+    storage.put_bytes(key, json.dumps(plan, indent=2).encode())
+    return plan
+
+
+def _last_nights(storage: Storage, run_id: str) -> dict[str, dict]:
+    """The latest history row per organ, from nights before this one."""
+    rows = [r for r in _read_history(storage) if r["run_id"] != run_id]
+    last: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: (r["night"], r["run_id"])):
+        last[row["organ"]] = row
+    return last
+
+
+def _train(cfg: RunConfig, run_id: str, organs: list[str], plan: dict, address, progress):
+    from organtrain.search.sweep import sweep
+
+    search = dataclasses.replace(cfg.search, organs=organs)
+    outcome = sweep(
+        dataclasses.replace(cfg, search=search), run_id=run_id, address=address,
+        progress=progress, dataset_version=plan["dataset_version"], report=False,
+    )  # fmt: skip
+    return {row["organ"]: row for row in outcome.rows}
+
+
+def _decide(
+    cfg: RunConfig, storage: Storage, run_id: str, organ: str, plan: dict, row: dict | None
+) -> Decision:
+    key = join_key("runs", run_id, "decisions", f"{organ}.json")
+    if storage.exists(key):
+        decision = _decision(json.loads(storage.get_bytes(key)))
+    else:
+        decision = _new_decision(cfg, storage, run_id, organ, plan, row)
+        storage.put_bytes(key, json.dumps(_finite(asdict(decision)), indent=2).encode())
+    # Apply it (again, on a re-run: promoting an already promoted version changes nothing).
+    if decision.promoted:
+        registry.promote(storage, organ, decision.challenger, reason=decision.reason)
+    log.info("%s: %s", organ, decision.reason)
+    return decision
+
+
+def _new_decision(cfg, storage, run_id, organ, plan, row) -> Decision:
+    facts = plan["organs"][organ]
+    current = registry.champion(storage, organ)
+    decision = Decision(
+        night=plan["night"], run_id=run_id, organ=organ,
+        dataset_version=plan["dataset_version"], fingerprint=facts["fingerprint"],
+        changed=facts["changed"], change=facts["change"], trained=row is not None,
+        metric=cfg.nightly.metric, champion_before=current.version if current else None,
+        champion_after=current.version if current else None,
+    )  # fmt: skip
+    if row is None:
+        decision.reason = f"not retrained: {facts['change']}"
+        if current is not None:  # the serving model's own test figure, for the trend
+            serving = registry.get_version(storage, organ, current.version)
+            decision.champion_value = serving.test_metrics.get(cfg.nightly.metric, math.nan)
+        return decision
+    if row["state"] != "done":
+        decision.error = row["error"]
+        decision.reason = f"training failed, champion kept: {row['error']}"
+        return decision
+    result = json.loads(storage.get_bytes(join_key("runs", run_id, organ, "result.json")))
+    metrics = {
+        "accuracy": row["test_accuracy"], "macro_f1": row["test_macro_f1"],
+        "macro_roc_auc": row["test_macro_roc_auc"],
+    }  # fmt: skip
+    version = registry.register_run_result(
+        storage, result, fingerprint=facts["fingerprint"], test_metrics=metrics
+    )
+    decision.challenger = version.version
+    decision.challenger_value = metrics[cfg.nightly.metric]
+    if current is None:
+        return _promote(decision, f"first model for {organ}: promoted")
+    old = registry.get_version(storage, organ, current.version)
+    if old.classes != version.classes:
+        new = sorted(set(version.classes) - set(old.classes))
+        gone = sorted(set(old.classes) - set(version.classes))
+        what = "; ".join(
+            part for part in (f"new diagnoses {', '.join(new)}" if new else "",
+                              f"diagnoses gone {', '.join(gone)}" if gone else "") if part
+        )  # fmt: skip
+        unlike = f"label set changed ({what}): champion and challenger cannot be compared"
+        if cfg.nightly.on_new_diagnosis == "promote":
+            return _promote(decision, f"{unlike}; promoted (nightly.on_new_diagnosis: promote)")
+        decision.reason = f"{unlike}; champion kept (nightly.on_new_diagnosis: keep)"
+        return decision
+    comparison = _compare(cfg, storage, run_id, organ, plan, old)
+    decision.champion_value = comparison.champion
+    decision.challenger_value = comparison.challenger
+    decision.diff, decision.p_value = comparison.diff, comparison.p_value
+    decision.ci_low, decision.ci_high = comparison.ci_low, comparison.ci_high
+    decision.significant = comparison.significant
+    n, m = comparison.n, cfg.nightly.metric
+    numbers = (
+        f"{m} {comparison.challenger:.3f} vs champion {comparison.champion:.3f} on the same "
+        f"{n} test images (diff {comparison.diff:+.3f}, 95% CI {comparison.ci_low:+.3f} to "
+        f"{comparison.ci_high:+.3f}, McNemar p={comparison.p_value:.3g})"
+    )
+    if cfg.nightly.require_significant:
+        wins = comparison.significant and comparison.diff > 0
+        rule = "significantly better required"
+    else:
+        wins = comparison.diff >= -cfg.nightly.margin
+        rule = f"not worse by more than {cfg.nightly.margin:g} required"
+    if wins:
+        return _promote(decision, f"promoted: {numbers}; {rule}")
+    decision.reason = f"champion kept: {numbers}; {rule}"
+    return decision
+
+
+def _decision(saved: dict) -> Decision:
+    """A Decision from JSON, where an undefined number was written as null."""
+    floats = {n for n, t in typing.get_type_hints(Decision).items() if t is float}
+    return Decision(**{k: math.nan if k in floats and v is None else v for k, v in saved.items()})
+
+
+def _num(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _promote(decision: Decision, reason: str) -> Decision:
+    decision.promoted, decision.champion_after, decision.reason = True, decision.challenger, reason
+    return decision
+
+
+def _compare(cfg, storage, run_id, organ, plan, champion_version):
+    """Score the champion on tonight's test split, pair it with the challenger's."""
+    import keras
+
+    from organtrain import evaluate, stats
+    from organtrain.train import predict_split
+
+    index = load_dataset(storage, plan["dataset"], plan["dataset_version"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "model.keras")
+        storage.download(registry.model_key(organ, champion_version.version), path)
+        model = keras.models.load_model(path)
+    y_true, y_prob, hashes, keys = predict_split(
+        model, storage, index, organ, "test",
+        image_size=champion_version.settings["input"]["image_size"], batch_size=64,
+        cache_dir=cfg.input.cache_dir,
+    )  # fmt: skip
+    champion = evaluate.predictions_table(
+        y_true, y_prob, index.diagnoses(organ), sha256=hashes, source_keys=keys,
+        run_id=run_id, organ=organ, model=champion_version.model, split="test",
+    )  # fmt: skip
+    challenger = read_parquet(
+        storage.get_bytes(join_key("runs", run_id, organ, "metrics/predictions.parquet"))
+    )
+    return stats.compare_predictions(
+        champion, challenger, metric=cfg.nightly.metric, alpha=cfg.nightly.alpha
+    )
+
+
+def _read_history(storage: Storage) -> list[dict]:
+    try:
+        return read_parquet(storage.get_bytes(HISTORY)).to_pylist()
+    except ObjectNotFoundError:
+        return []
+
+
+def _append_history(storage: Storage, run_id: str, decisions: list[Decision]) -> pa.Table:
+    """Tonight's rows replace any an earlier attempt of tonight wrote: one row per organ
+    per night, however often the night is run."""
+    rows = [r for r in _read_history(storage) if r["run_id"] != run_id]
+    rows += [asdict(d) for d in decisions]
+    rows.sort(key=lambda r: (r["night"], r["run_id"], r["organ"]))
+    table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+    storage.put_bytes(HISTORY, parquet_bytes(table))
+    return table
+
+
+def trend_table(history: pa.Table) -> pa.Table:
+    """The history in the report's long form: per night and organ, the champion's metric
+    after the night and the challenger's, with the decision."""
+    rows = []
+    for r in history.to_pylist():
+        challenger = _num(r["challenger_value"])
+        after = challenger if r["promoted"] else _num(r["champion_value"])
+        common = {"night": r["night"], "organ": r["organ"], "decision": r["reason"]}
+        if r["trained"] and not math.isnan(challenger):
+            rows.append({**common, "metric": f"challenger {r['metric']}", "value": challenger})
+        if not math.isnan(after):
+            rows.append({**common, "metric": f"champion {r['metric']}", "value": after})
+    return pa.Table.from_pylist(rows) if rows else pa.table({"night": [], "organ": []})
+
+
+def _report(storage: Storage, run_id: str, history: pa.Table) -> str | None:
+    from organtrain.report import build_report
+
+    status_key = join_key("runs", run_id, "status.json")
+    if not storage.exists(status_key):
+        # Nothing was trained tonight, so no sweep wrote the run's status: record that the
+        # night finished, so the report (history only) and `organtrain status` find it.
+        status = {"run_id": run_id, "updated": datetime.now(timezone.utc).isoformat(),
+                  "state": "finished", "organs": {}}  # fmt: skip
+        storage.put_bytes(status_key, json.dumps(status).encode())
+    try:
+        return storage.url(build_report(storage, run_id, history=trend_table(history)))
+    except Exception as err:  # the decisions are made and saved; the report can be rebuilt
+        log.warning("the report could not be written (%s: %s)", type(err).__name__, err)
+        return None
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class NightLock:
+    """`nightly/locks/<run_id>.json`, created exclusively, refreshed every 30 s while held.
+
+    A lock left by a holder that died is taken over: on the same host when its process is
+    gone, anywhere when it has not been refreshed for `stale_after` seconds.
+    """
+
+    def __init__(self, storage: Storage, run_id: str, *, stale_after: int):
+        self.storage, self.stale_after = storage, stale_after
+        self.key = join_key("nightly", "locks", f"{run_id}.json")
+        self.run_id = run_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({
+            "run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "heartbeat": time.time(),
+        }).encode()  # fmt: skip
+
+    def __enter__(self):
+        if not self.storage.put_if_absent(self.key, self._record()):
+            holder = self._holder()
+            if holder is not None and not self._stale(holder):
+                raise NightlyRunning(
+                    f"another nightly for {self.run_id} is running (pid {holder['pid']} on "
+                    f"{holder['host']}, lock {self.storage.url(self.key)}); this one exits. "
+                    "If that process is gone, the lock is taken over after "
+                    f"{self.stale_after} s without a heartbeat"
+                )
+            log.warning("taking over the lock of a nightly that stopped: %s", holder)
+            self.storage.delete(self.key)
+            if not self.storage.put_if_absent(self.key, self._record()):
+                raise NightlyRunning(f"another nightly took the lock {self.key} just now")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.storage.get_bytes(self.key))
+        except (ObjectNotFoundError, ValueError):
+            return None
+
+    def _stale(self, holder: dict) -> bool:
+        if time.time() - holder.get("heartbeat", 0) > self.stale_after:
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OrgantrainError):
+                self.storage.put_bytes(self.key, self._record())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(OrgantrainError):
+            self.storage.delete(self.key)
