@@ -110,6 +110,8 @@ def test_two_organs_searched_at_once_with_asha(local_job):
     assert all(t["epochs"] < 4 for t in trials if t["stop_reason"] == "scheduler")
     assert all(t["epochs"] == 4 for t in trials if t["stop_reason"] == "completed")
     assert all(t["replicas"] == 1 for t in trials)
+    # Each organ's trials trained on that organ's images (the two searches run at once).
+    assert all(t["trained_organ"] == t["organ"] for t in trials)
     # Trials ran side by side: some two of them were training at the same time.
     spans = sorted((t["started"], t["ended"]) for t in trials)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))

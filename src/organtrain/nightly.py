@@ -43,7 +43,7 @@ import pyarrow as pa
 
 from organtrain import registry
 from organtrain.config import RunConfig
-from organtrain.data.dataset import DatasetIndex, load_dataset
+from organtrain.data.dataset import MANIFEST, DatasetIndex, dataset_prefix, load_dataset
 from organtrain.data.manifest import parquet_bytes, read_parquet
 from organtrain.errors import ObjectNotFoundError, OrgantrainError
 from organtrain.storage import Storage, join_key, open_storage
@@ -110,12 +110,21 @@ class NightlyOutcome:
         return [d.organ for d in self.decisions if d.error]
 
 
-def fingerprint(index: DatasetIndex, organ: str) -> str:
-    """Changes exactly when the organ's images or diagnoses change: shards are written
-    deterministically from the images (sha256 order), so equal images give equal shards."""
-    shards = sorted((s.key, s.sha256) for s in index.shards if s.organ == organ)
-    text = json.dumps({"diagnoses": index.diagnoses(organ), "shards": shards})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def fingerprints(storage: Storage, index: DatasetIndex) -> dict[str, str]:
+    """Per organ, a hash of what its model learns from: every image's content hash with
+    its diagnosis and split. New, removed or relabelled images change it; renaming a file,
+    or re-encoding shards, does not."""
+    manifest = read_parquet(
+        storage.get_bytes(join_key(dataset_prefix(index.dataset, index.version), MANIFEST))
+    ).to_pylist()
+    result = {}
+    for organ in index.organs:
+        rows = sorted(
+            (r["sha256"], r["diagnosis"], r["split"]) for r in manifest if r["organ"] == organ
+        )
+        text = json.dumps({"diagnoses": index.diagnoses(organ), "images": rows})
+        result[organ] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return result
 
 
 def nightly(
@@ -162,8 +171,7 @@ def _plan(cfg: RunConfig, storage: Storage, run_id: str, night: date, progress: 
     index = load_dataset(storage, prepared.dataset, prepared.version)
     last = _last_nights(storage, run_id)
     organs = {}
-    for organ in sorted(index.organs):
-        fp = fingerprint(index, organ)
+    for organ, fp in sorted(fingerprints(storage, index).items()):
         previous = last.get(organ)
         has_champion = registry.champion(storage, organ) is not None
         if cfg.nightly.retrain_all:

@@ -40,7 +40,7 @@ class ModelVersion:
     test_images: int
     dataset: str
     dataset_version: str
-    fingerprint: str  # of the organ's images in that dataset version (nightly.fingerprint)
+    fingerprint: str  # of the organ's images in that dataset version (nightly.fingerprints)
     code_version: str  # organtrain's version
     model_sha256: str | None = None
     search: dict | None = None  # the chosen trial, for sweeps

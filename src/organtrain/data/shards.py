@@ -1,8 +1,11 @@
 """TFRecord shards: one tf.train.Example per image, written locally then published.
 
 Records within a shard are in sha256 order: deterministic (re-running `prepare` writes
-byte-identical shards, so an interrupted run can skip shards it already published) and
-unrelated to diagnosis, so a shard is already a mix of classes.
+the same records in the same shards, so an interrupted run can skip shards it already
+published) and unrelated to diagnosis, so a shard is already a mix of classes. The bytes
+of a shard are not a stable identity: protobuf may serialise an Example's feature map in
+another order in another process. What changed between versions is read from the
+manifest (see nightly.fingerprints).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ STOP_REASONS = ("completed", "patience", "scheduler", "error")
 TRIAL_FIELDS = [
     pa.field("run_id", pa.string()),
     pa.field("organ", pa.string()),
+    pa.field("trained_organ", pa.string()),  # reported by the trial itself
     pa.field("trial_id", pa.string()),
     pa.field("status", pa.string()),  # terminated | error
     pa.field("stop_reason", pa.string()),
@@ -91,6 +92,7 @@ def trial_rows(results, *, run_id: str, organ: str, metric: str, mode: str, epoc
             {
                 "run_id": run_id,
                 "organ": organ,
+                "trained_organ": m.get("trained_organ"),
                 "trial_id": str(m.get("trial_id") or Path(result.path).name),
                 "status": "error" if result.error is not None else "terminated",
                 "stop_reason": reason,

@@ -80,7 +80,7 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
         return  # finished before the restart; its results are already reported
     state.started = state.started or time.time()
     state.starts.append(state.epoch)  # a resumed trial shows where it picked up
-    callbacks = [ReportToTune(state, cfg.train.early_stopping_patience, replicas)]
+    callbacks = [ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ)]
     trial_dir = tune.get_context().get_trial_dir()
     if trial_dir:
         callbacks.append(
@@ -102,9 +102,9 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
 class ReportToTune(keras.callbacks.Callback):
     """Each epoch: metrics and a checkpoint to Tune; patience-based early stopping."""
 
-    def __init__(self, state: TrainingState, patience: int, replicas: int):
+    def __init__(self, state: TrainingState, patience: int, replicas: int, organ: str):
         super().__init__()
-        self.state, self.patience, self.replicas = state, patience, replicas
+        self.state, self.patience, self.replicas, self.organ = state, patience, replicas, organ
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         from ray import tune
@@ -118,6 +118,7 @@ class ReportToTune(keras.callbacks.Callback):
             "replicas": self.replicas,  # num_replicas_in_sync, checked against the request
             "stopped_early": self.state.stopped_early,
             "trial_started": self.state.started,
+            "trained_organ": self.organ,  # whose images this trial trained on
         }
         with tempfile.TemporaryDirectory() as folder:
             self.model.save(Path(folder, MODEL_FILE))
