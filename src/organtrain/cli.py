@@ -115,9 +115,7 @@ def _parser() -> argparse.ArgumentParser:
             action.add_argument("organ", metavar="ORGAN")
         if name == "promote":
             action.add_argument("version", metavar="VERSION")
-        action.add_argument(
-            "--storage", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
-        )
+        _add_storage_arg(action)
         _add_config_args(action, default=None)
         action.set_defaults(run=_run_models, action=name)
 
@@ -125,9 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         "report", help="write runs/RUN/report.html: one self-contained page of a run's results"
     )
     report.add_argument("run_id", metavar="RUN", help="run id (a folder under <storage>/runs/)")
-    report.add_argument(
-        "--storage", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
-    )
+    _add_storage_arg(report)
     report.add_argument(
         "--history", help="key of a nightly history Parquet table in the storage (trends)"
     )
@@ -138,12 +134,16 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="where a run stands: organs, trials, best metric so far, errors"
     )
     status.add_argument("run_id", metavar="RUN", help="run id (a folder under <storage>/runs/)")
-    status.add_argument(
-        "--storage", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
-    )
+    _add_storage_arg(status)
     _add_config_args(status, default=None)
     status.set_defaults(run=_run_status)
     return parser
+
+
+def _add_storage_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
+    )
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None) -> None:

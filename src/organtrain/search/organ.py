@@ -72,6 +72,9 @@ def search_organ(job: SweepJob, organ: str) -> dict:
                 scheduler=_scheduler(job, space),
                 search_alg=tune.search.BasicVariantGenerator(random_state=search.seed),
                 max_concurrent_trials=search.max_concurrent_trials or None,
+                # A trial's worker process starts Python, Ray and TensorFlow (seconds on a
+                # small machine); the organ's next trial reuses it (bench/RESULTS.md).
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=organ,
@@ -89,7 +92,9 @@ def search_organ(job: SweepJob, organ: str) -> dict:
                 verbose=0,
             ),
         )
+    fit_started = time.monotonic()
     grid = tuner.fit()
+    fit_seconds = time.monotonic() - fit_started
 
     rows = results.trial_rows(
         grid, run_id=job.run_id, organ=organ, metric=search.metric, mode=search.mode,
@@ -120,6 +125,7 @@ def search_organ(job: SweepJob, organ: str) -> dict:
         "trial_config": best.config,
         "metric": search.metric,
         "value": _best_value(best, search.metric, search.mode),
+        "search_seconds": fit_seconds,  # Tune's fit, this invocation (bench/sweep.py)
         **counts,
     }
     evaluate = ray.remote(evaluate_trial).options(

@@ -56,6 +56,7 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
 
     cfg = trial_config(job.cfg, config, source=f"trial of {organ}")
     _limit_threads(job.cfg.resources.cpus_per_trial)
+    keras.backend.clear_session()  # this worker may have run another trial before
     storage = job.storage()
     index = load_dataset(storage, cfg.prepare.dataset, job.dataset_version)
     classes = index.diagnoses(organ)

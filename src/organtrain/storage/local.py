@@ -49,8 +49,19 @@ class LocalStorage(Storage):
 
         return self._publish(key, copy, sha256_file(path))
 
-    def _publish(self, key: str, write, digest: str) -> ObjectInfo:
-        """Write into a temporary file beside the target, fsync, then rename over it."""
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write a temporary file, then hard-link it to the target: link(2) fails if the
+        target exists, so exactly one of concurrent writers (processes, NFS clients) wins,
+        and the winner's file is complete when it appears."""
+        try:
+            self._publish(key, lambda f: f.write(data), sha256_bytes(data), exclusive=True)
+            return True
+        except FileExistsError:
+            return False
+
+    def _publish(self, key: str, write, digest: str, *, exclusive: bool = False) -> ObjectInfo:
+        """Write into a temporary file beside the target, fsync, then rename over it (or,
+        `exclusive`, hard-link it: FileExistsError if the target exists)."""
         target = self.path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -60,35 +71,17 @@ class LocalStorage(Storage):
                     write(f)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, target)  # atomic on POSIX: the old or the new file, never half
-            except BaseException:
+                if exclusive:
+                    os.link(tmp, target)
+                else:
+                    os.replace(tmp, target)  # atomic on POSIX: the old or the new file
+            finally:
                 Path(tmp).unlink(missing_ok=True)
-                raise
+        except FileExistsError:
+            raise
         except OSError as err:
             raise StorageError(f"cannot write {target}: {err.strerror or err}") from None
         return ObjectInfo(key=key, size=target.stat().st_size, sha256=digest)
-
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Write a temporary file, then hard-link it to the target: link(2) fails if the
-        target exists, so exactly one of concurrent writers (processes, NFS clients) wins,
-        and the winner's file is complete when it appears."""
-        target = self.path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, target)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        except OSError as err:
-            raise StorageError(f"cannot write {target}: {err.strerror or err}") from None
 
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
         path = self.path(key)
