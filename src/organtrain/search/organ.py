@@ -80,8 +80,11 @@ def search_organ(job: SweepJob, organ: str) -> dict:
                 name=organ,
                 storage_path=experiment.rsplit("/", 1)[0],
                 storage_filesystem=fs,
+                # Every checkpoint is kept while the search runs: Tune's experiment state
+                # (saved every few seconds) names a trial's latest checkpoint, and one
+                # deleted in between (num_to_keep) would make a restored trial start over.
+                # prune_checkpoints keeps each trial's best and latest once it is done.
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=2,  # the best by the metric, and always the latest
                     checkpoint_score_attribute=search.metric,
                     checkpoint_score_order=search.mode,
                 ),
@@ -95,6 +98,7 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     fit_started = time.monotonic()
     grid = tuner.fit()
     fit_seconds = time.monotonic() - fit_started
+    prune_checkpoints(grid, search.metric, search.mode)
 
     rows = results.trial_rows(
         grid, run_id=job.run_id, organ=organ, metric=search.metric, mode=search.mode,
@@ -150,6 +154,21 @@ def organ_trainable(job: SweepJob, organ: str):
 
     trainable.__name__ = trainable.__qualname__ = f"train_{organ}"
     return trainable
+
+
+def prune_checkpoints(grid, metric: str, mode: str) -> None:
+    """Delete every trial checkpoint but its best (by the search metric) and its latest:
+    the search is over, so nothing will resume from the others."""
+    for result in grid:
+        if not result.best_checkpoints:
+            continue
+        keep = {result.checkpoint.path}
+        with contextlib.suppress(RuntimeError):  # no checkpoint with the metric
+            keep.add(result.get_best_checkpoint(metric, mode).path)
+        for checkpoint, _ in result.best_checkpoints:
+            if checkpoint.path not in keep:
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    checkpoint.filesystem.delete_dir(checkpoint.path)
 
 
 def _best_value(result, metric: str, mode: str) -> float:
