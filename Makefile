@@ -7,7 +7,7 @@ comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test test-fast bench lint format clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop while developing: everything but the end-to-end sweep, nightly and SLURM
+# tests (marked slow), about 2 minutes on 2 cores. `make test` (and CI) runs them all.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The input pipeline benchmark (bench/RESULTS.md), against tf_keras' ImageDataGenerator
 # (installed by `install`; its transforms need scipy, which scikit-learn brings too).

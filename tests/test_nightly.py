@@ -26,6 +26,8 @@ from organtrain.data.synth import write_synthetic_tree
 from organtrain.nightly import HISTORY, NightLock
 from organtrain.storage import LocalStorage
 
+pytestmark = pytest.mark.slow  # real Ray / SLURM / training: minutes
+
 # lung learns enough in a few seconds to beat an untrained model clearly (~0.6 vs ~0.33).
 JOB = {
     "name": "nightly",

@@ -22,6 +22,8 @@ import yaml
 
 from organtrain.data.synth import write_synthetic_tree
 
+pytestmark = pytest.mark.slow  # real Ray / SLURM / training: minutes
+
 REPO = Path(__file__).resolve().parents[1]
 ONE_ORGAN = REPO / "slurm" / "organtrain-one-organ.sbatch"
 RAY = REPO / "slurm" / "organtrain-ray.sbatch"

@@ -23,6 +23,8 @@ from organtrain.data.manifest import read_parquet
 from organtrain.data.synth import write_synthetic_tree
 from organtrain.storage import LocalStorage, open_storage
 
+pytestmark = pytest.mark.slow  # real Ray / SLURM / training: minutes
+
 ORGANS = {"lung": ["adenocarcinoma", "benign"], "colon": ["adenocarcinoma", "benign"]}
 JOB = {
     "name": "sweep",
