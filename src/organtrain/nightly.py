@@ -46,6 +46,7 @@ from organtrain.config import RunConfig
 from organtrain.data.dataset import MANIFEST, DatasetIndex, dataset_prefix, load_dataset
 from organtrain.data.manifest import parquet_bytes, read_parquet
 from organtrain.errors import ObjectNotFoundError, OrgantrainError
+from organtrain.search.sweep import json_safe, sweep
 from organtrain.storage import Storage, join_key, open_storage
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,6 @@ def _last_nights(storage: Storage, run_id: str) -> dict[str, dict]:
 
 
 def _train(cfg: RunConfig, run_id: str, organs: list[str], plan: dict, address, progress):
-    from organtrain.search.sweep import sweep
-
     search = dataclasses.replace(cfg.search, organs=organs)
     outcome = sweep(
         dataclasses.replace(cfg, search=search), run_id=run_id, address=address,
@@ -227,7 +226,7 @@ def _decide(
         decision = _decision(json.loads(storage.get_bytes(key)))
     else:
         decision = _new_decision(cfg, storage, run_id, organ, plan, row)
-        storage.put_bytes(key, json.dumps(_finite(asdict(decision)), indent=2).encode())
+        storage.put_bytes(key, json.dumps(json_safe(asdict(decision)), indent=2).encode())
     # Apply it (again, on a re-run: promoting an already promoted version changes nothing).
     if decision.promoted:
         registry.promote(storage, organ, decision.challenger, reason=decision.reason)
@@ -396,12 +395,6 @@ def _report(storage: Storage, run_id: str, history: pa.Table) -> str | None:
     except Exception as err:  # the decisions are made and saved; the report can be rebuilt
         log.warning("the report could not be written (%s: %s)", type(err).__name__, err)
         return None
-
-
-def _finite(value):
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class NightLock:

@@ -26,11 +26,9 @@ from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import OrgantrainError
 from organtrain.search import results
 from organtrain.search.space import organ_space, pbt_mutations, trial_config
-from organtrain.search.trial import MODEL_FILE, STATE_FILE, SweepJob, run_trial
+from organtrain.search.trial import MODEL_FILE, STATE_FILE, SweepJob, progress_key, run_trial
 from organtrain.storage import join_key
 from organtrain.train import finish, trial_prefix
-
-PROGRESS = "progress"  # runs/<run_id>/progress/<organ>.json, written by ProgressCallback
 
 
 class OrganFailed(OrgantrainError):
@@ -307,7 +305,7 @@ class ProgressCallback(tune.Callback):
             "best": self.best,
             "best_trial": self.best_trial,
         }
-        key = join_key("runs", self.job.run_id, PROGRESS, f"{self.organ}.json")
+        key = progress_key(self.job.run_id, self.organ)
         # Progress is for people: a storage hiccup must not stop the search.
         with contextlib.suppress(OrgantrainError):
             self.job.storage().put_bytes(key, json.dumps(progress).encode())

@@ -184,11 +184,11 @@ def sweep_png(rows: Sequence[dict], *, organ: str, metric: str, space_kinds: dic
             labels = sorted({str(v) for v in values})
             x = [labels.index(str(v)) for v in values]
             ax.scatter(x, y, s=36)
-            ax.set_xticks(range(len(labels)), [textwrap_label(v) for v in labels])
+            ax.set_xticks(range(len(labels)), [_tick_label(v) for v in labels])
         ax.set_xlabel(key)
     fig.suptitle(title)
     return _png(fig)
 
 
-def textwrap_label(text: str) -> str:
+def _tick_label(text: str) -> str:
     return display_name(text.strip('"'), 16)

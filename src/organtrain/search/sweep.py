@@ -26,7 +26,7 @@ from organtrain.config import RunConfig
 from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import ConfigError, OrgantrainError
-from organtrain.search.trial import SweepJob, expected_replicas
+from organtrain.search.trial import SweepJob, expected_replicas, progress_key
 from organtrain.storage import Storage, join_key, open_storage
 from organtrain.train import RESULT, require_same_settings, trial_prefix, trial_settings
 
@@ -329,7 +329,7 @@ class _Watcher:
         for organ in self.organs:
             if organ in self.rows:
                 continue
-            key = join_key("runs", self.job.run_id, "progress", f"{organ}.json")
+            key = progress_key(self.job.run_id, organ)
             try:
                 self.progress[organ] = json.loads(self.storage.get_bytes(key))
             except OrgantrainError:
@@ -405,14 +405,14 @@ class _Watcher:
             "mode": self.job.cfg.search.mode,
             "organs": organs,
         }
-        text = json.dumps(_finite(status), indent=2)
+        text = json.dumps(json_safe(status), indent=2)
         self.storage.put_bytes(join_key("runs", self.job.run_id, STATUS), text.encode())
 
 
-def _finite(value):
+def json_safe(value):
     """JSON has no NaN: an undefined number is null."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -22,7 +22,7 @@ from organtrain.checkpoint import TrainingState
 from organtrain.config import RunConfig
 from organtrain.data.dataset import load_dataset
 from organtrain.search.space import trial_config
-from organtrain.storage import Storage, open_storage
+from organtrain.storage import Storage, join_key, open_storage
 from organtrain.strategy import make_strategy
 from organtrain.train import compiled_model, datasets, trial_settings
 
@@ -42,6 +42,12 @@ class SweepJob:
     def storage(self) -> Storage:
         s = self.cfg.storage
         return open_storage(s.uri, endpoint_url=s.endpoint_url, region=s.region)
+
+
+def progress_key(run_id: str, organ: str) -> str:
+    """Where an organ's search publishes its progress (organ.ProgressCallback) for the
+    driver and `organtrain status`."""
+    return join_key("runs", run_id, "progress", f"{organ}.json")
 
 
 def expected_replicas(cfg: RunConfig) -> int:
