@@ -141,3 +141,53 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_job):
     assert state["epoch"] == 6 and len(state["history"]["loss"]) == 6
     assert "test accuracy" in output
     assert os.path.exists(store.path(f"{trial_prefix('resume', 'lung')}/result.json"))
+
+
+# The smallest run that still exercises every random part: 2 replicas, augmentation on (in
+# tf.data, the CPU default), dropout, 2 epochs of shuffled batches.
+SMALL = ["input.image_size=16", "train.epochs=2"]
+
+
+def _numbers(store: LocalStorage, run_id: str) -> tuple[dict, list]:
+    """(history per metric per epoch, predictions) of a finished run, as stored."""
+    out = store.sub(trial_prefix(run_id, "lung"))
+    history = json.loads(out.get_bytes("checkpoint/state.json"))["history"]
+    table = read_parquet(out.get_bytes("metrics/history.parquet")).to_pylist()
+    assert {(h["metric"], h["epoch"]): h["value"] for h in table} == {
+        (metric, epoch + 1): value for metric, values in history.items()
+        for epoch, value in enumerate(values)
+    }  # fmt: skip
+    predictions = read_parquet(out.get_bytes("metrics/predictions.parquet")).to_pylist()
+    return history, [(p["sha256"], p["predicted_class"], p["probabilities"]) for p in predictions]
+
+
+@pytest.fixture(scope="module")
+def seeded_run(tiny_job):
+    """The numbers of one seeded run of SMALL, trained in this process."""
+    cfg = load_config(tiny_job, SMALL)
+    store = LocalStorage(cfg.storage.uri)
+    result = train_organ(cfg, store, "lung", run_id="seeded", expected_replicas=2, verbose=0)
+    assert result.replicas == 2 and cfg.augment.rotation_range > 0 and cfg.model.dropout > 0
+    numbers = _numbers(store, "seeded")
+    assert len(numbers[0]["loss"]) == 2 and len(numbers[1]) == result.test_images
+    return numbers
+
+
+def test_seeded_runs_repeat_exactly(tiny_job, seeded_run):
+    # The same run again in a fresh process (the CLI): bit-identical, not approximately.
+    sets = [arg for change in SMALL for arg in ("--set", change)]
+    subprocess.run([sys.executable, "-m", "organtrain", "train", "--config", str(tiny_job),
+                    "--organ", "lung", "--run-id", "seeded-again", *sets],
+                   check=True, capture_output=True)  # fmt: skip
+    assert _numbers(LocalStorage(load_config(tiny_job).storage.uri), "seeded-again") == seeded_run
+
+
+def test_resumed_run_continues_as_an_uninterrupted_one(tiny_job, seeded_run):
+    # Each epoch's shuffle, augmentation and dropout depend on (seed, epoch), not on how
+    # many epochs this process has run: stopping after epoch 1 changes nothing.
+    store = LocalStorage(load_config(tiny_job).storage.uri)
+    first_epoch = load_config(tiny_job, [*SMALL, "train.epochs=1"])
+    train_organ(first_epoch, store, "lung", run_id="stopped", verbose=0)
+    store.delete(f"{trial_prefix('stopped', 'lung')}/result.json")  # as if killed after epoch 1
+    train_organ(load_config(tiny_job, SMALL), store, "lung", run_id="stopped", verbose=0)
+    assert _numbers(store, "stopped") == seeded_run

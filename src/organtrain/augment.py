@@ -314,18 +314,26 @@ def build_augmentation(cfg: AugmentConfig, *, seed: int | None = None) -> keras.
 
 
 def augment_in_dataset(
-    ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int | None = None
+    ds: tf.data.Dataset,
+    cfg: AugmentConfig,
+    *,
+    seed: int | None = None,
+    first_step: int | None = None,
 ) -> tf.data.Dataset:
     """Map a dataset of (images, labels) BATCHES through the augmentation (training=True).
 
     The map runs with num_parallel_calls=AUTOTUNE, seeded or not. Each batch gets its own
-    stateless seed, the next value of `tf.data.Dataset.random(seed, rerandomize_each_
-    iteration=True)` zipped with the batches, and the layers draw from that seed instead of
-    their SeedGenerators (whose shared state parallel calls would advance in a racy order).
-    So a batch's transforms depend only on (seed, epoch, batch position): a seeded pipeline
-    repeats exactly, in parallel, and each epoch (each new iterator) draws new transforms,
-    the way `shuffle(seed=..., reshuffle_each_iteration=True)` does. `deterministic=True`
-    keeps the batches in order.
+    stateless seed, a value of `tf.data.Dataset.random(seed)` zipped with the batches, and
+    the layers draw from that seed instead of their SeedGenerators (whose shared state
+    parallel calls would advance in a racy order). `deterministic=True` keeps the batches
+    in order. So a seeded pipeline repeats exactly, in parallel:
+
+    - `first_step=None`: a batch's transforms depend on (seed, iteration, batch position):
+      each new iterator (each epoch of a one-epoch dataset) draws new transforms, the way
+      `shuffle(seed=..., reshuffle_each_iteration=True)` does.
+    - `first_step=k` (the trainer's multi-epoch stream): the i-th batch gets the (k + i)-th
+      seed of one fixed stream, a pure function of (seed, training step), so a run resumed
+      at step k draws what an uninterrupted one draws there.
     """
     layers = [
         layer
@@ -334,7 +342,8 @@ def augment_in_dataset(
     ]
     if not layers:
         return ds
-    batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=first_step is None)
+    batch_seeds = batch_seeds.skip(first_step or 0)
     stream = tf.constant(0 if seed is None else seed, tf.int64)
 
     def augment(

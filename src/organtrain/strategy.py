@@ -16,12 +16,18 @@ def make_strategy(
     cpu_replicas: int = 1, expected_replicas: int | None = None
 ) -> tf.distribute.Strategy:
     gpus = tf.config.list_physical_devices("GPU")
+    cross_device_ops = None  # across GPUs, MirroredStrategy's own choice
     if gpus:
         devices = [f"/gpu:{i}" for i in range(len(gpus))]
     else:
         _ensure_logical_cpus(cpu_replicas)
         devices = [f"/cpu:{i}" for i in range(cpu_replicas)]
-    strategy = tf.distribute.MirroredStrategy(devices)
+        # Its default over CPUs, collective all-reduce, numbers its collectives from the
+        # same keys in every MirroredStrategy: a second model of other shapes trained in the
+        # same process (a test session; a Tune worker reused for another trial) failed with
+        # "Shape mismatch in the collective instance". Summing on one device has no keys.
+        cross_device_ops = tf.distribute.ReductionToOneDevice()
+    strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
     if expected_replicas is not None and strategy.num_replicas_in_sync != expected_replicas:
         raise OrgantrainError(
             f"asked for {expected_replicas} replicas but {strategy.num_replicas_in_sync} devices "

@@ -121,7 +121,8 @@ def train_organ(
     strategy = make_strategy(cfg.train.cpu_replicas, expected_replicas)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.input.batch_size * replicas
-    train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch)
+    first_epoch = state.epoch if state is not None else 0
+    train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch, first_epoch)
     if state is None:
         monitor = "val_loss" if val_ds is not None else "loss"
         state = TrainingState(index.version, monitor=monitor, settings=settings)
@@ -137,8 +138,10 @@ def train_organ(
             validation_data=val_ds,
             epochs=cfg.train.epochs,
             initial_epoch=state.epoch,
+            steps_per_epoch=steps_per_epoch(index, organ, global_batch),  # one stream of epochs
             callbacks=[
-                DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience)
+                ReseedEachEpoch(cfg.train.seed),
+                DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience),
             ],
             shuffle=False,  # the pipeline shuffles
             verbose=verbose,
@@ -148,14 +151,24 @@ def train_organ(
                    replicas, global_batch, started)  # fmt: skip
 
 
-def datasets(cfg: RunConfig, storage: Storage, index: DatasetIndex, organ: str, global_batch: int):
+def datasets(
+    cfg: RunConfig,
+    storage: Storage,
+    index: DatasetIndex,
+    organ: str,
+    global_batch: int,
+    first_epoch: int = 0,
+):
+    """(train, val): train streams the batches of epochs first_epoch+1..train.epochs (fit it
+    with steps_per_epoch); val is one pass, repeated by Keras after each epoch."""
     inp = cfg.input
     augment = None
     if resolve_placement(cfg.augment) == "dataset":
         seed = cfg.train.seed
+        first_step = first_epoch * steps_per_epoch(index, organ, global_batch)
 
         def augment(ds):
-            return augment_in_dataset(ds, cfg.augment, seed=seed)
+            return augment_in_dataset(ds, cfg.augment, seed=seed, first_step=first_step)
 
     common = dict(image_size=inp.image_size, batch_size=global_batch, cache_images=inp.cache_images)
     n = index.split_size(organ, "train")
@@ -166,12 +179,37 @@ def datasets(cfg: RunConfig, storage: Storage, index: DatasetIndex, organ: str, 
         )
     train = build_dataset(
         shard_files(storage, index, organ, "train", inp.cache_dir), num_images=n, training=True,
-        seed=cfg.train.seed, shuffle_buffer=inp.shuffle_buffer, augment=augment, **common,
+        seed=cfg.train.seed, shuffle_buffer=inp.shuffle_buffer, augment=augment,
+        first_epoch=first_epoch, epochs=max(cfg.train.epochs - first_epoch, 0), **common,
     )  # fmt: skip
     val_files = shard_files(storage, index, organ, "val", inp.cache_dir)
     n = index.split_size(organ, "val")
     val = build_dataset(val_files, num_images=n, training=False, **common) if val_files else None
     return train, val
+
+
+def steps_per_epoch(index: DatasetIndex, organ: str, global_batch: int) -> int:
+    """Training batches per epoch: the ragged last batch is dropped."""
+    return index.split_size(organ, "train") // global_batch
+
+
+class ReseedEachEpoch(keras.callbacks.Callback):
+    """At each epoch's start, reseed the model's random layers (Dropout; augmentation
+    placed in the model) from (seed, epoch, layer position).
+
+    Keras does not save a SeedGenerator's state with the model, so a run resumed from a
+    checkpoint would otherwise draw other dropout masks than one that never stopped.
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        states = [v for v in self.model.non_trainable_variables if v.name == "seed_generator_state"]
+        for position, state in enumerate(states):
+            key = np.random.SeedSequence([self.seed, epoch, position]).generate_state(1)[0]
+            state.assign(np.array([key, 0], dtype=state.dtype))
 
 
 def _model(cfg: RunConfig, storage: Storage, prefix: str, state: TrainingState, n_classes: int):

@@ -4,14 +4,20 @@ One straight line, in this order:
     shard files → (shuffle files) → interleaved parallel reads → parse + decode + resize
     → cache? → shuffle → batch → augment? → prefetch
 
+Seeded, the training batches repeat bit for bit: parallel reads and decodes keep their
+order (`deterministic=True`), and every shuffle is seeded from (seed, epoch) rather than
+reshuffled from a stream that advances with each new iterator (see `build_dataset`).
+
 Images leave the pipeline as float32 in 0..255: each model rescales or applies its own
 `preprocess_input` as its first layers, so a saved model takes raw pixels.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from organtrain.data.cache import local_shard
@@ -44,6 +50,8 @@ def build_dataset(
     cache_images: bool = True,
     augment: BatchTransform | None = None,
     with_keys: bool = False,
+    first_epoch: int = 0,
+    epochs: int = 1,
 ) -> tf.data.Dataset:
     """Batches of (float32 images (B, S, S, 3) in 0..255, int32 labels (B,)).
 
@@ -53,33 +61,88 @@ def build_dataset(
     known (the dataset index records it), gives the dataset a length, so Keras knows
     the steps per epoch. `with_keys` (evaluation only) adds each image's sha256 and source
     key to the batch, so predictions can be traced back to files.
+
+    Training yields the batches of `epochs` epochs in one stream, from `first_epoch` on
+    (fit it with steps_per_epoch = num_images // batch_size). Each epoch's order is a pure
+    function of (seed, epoch), not of how many iterators came before: a run resumed at
+    epoch k sees the same epoch k as one that never stopped.
     """
     if with_keys and training:
         raise ValueError("with_keys is for evaluation: training batches carry no keys")
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if training:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 8),
-        num_parallel_calls=AUTOTUNE,
-        # Evaluation order is reproducible; training is shuffled anyway.
-        deterministic=not training,
-    )
-    ds = ds.map(
-        _decoder(image_size, with_keys), num_parallel_calls=AUTOTUNE, deterministic=not training
+    if not training:
+        ds = _images(tf.data.Dataset.from_tensor_slices(files), len(files), image_size,
+                     num_images, with_keys)  # fmt: skip
+        if cache_images:
+            ds = ds.cache()  # after decode and resize: later epochs skip both
+        ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE)
+
+    def read(epoch: int) -> tf.data.Dataset:
+        order = tf.data.Dataset.from_tensor_slices(files)
+        order = order.shuffle(
+            len(files), seed=_epoch_seed(seed, epoch, stream=0), reshuffle_each_iteration=False
+        )
+        return _images(order, len(files), image_size, num_images)
+
+    # Cached, epoch 0's file order is read once and kept; each epoch then reshuffles it.
+    # reshuffle_each_iteration=False: an order must not depend on how many iterators were
+    # made before. Keras' fit makes one to peek at a batch, whose prefetching reaches epoch
+    # 2 or not depending on timing: with True, epoch 2 then repeated only most of the time.
+    cached = read(0).cache() if cache_images else None
+
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        ds = cached if cached is not None else read(epoch)
+        ds = ds.shuffle(
+            shuffle_buffer, seed=_epoch_seed(seed, epoch, stream=1), reshuffle_each_iteration=False
+        )
+        # Drop the ragged last batch so every replica gets an equal share.
+        return ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+
+    # One dataset per epoch, chained: each epoch's seeds are Python ints. (A tensor epoch
+    # in flat_map would need tensor shuffle seeds, which tf.data rejects when the global
+    # seed is 0.) Each epoch's iterator starts when the one before it is exhausted.
+    ds = functools.reduce(
+        tf.data.Dataset.concatenate,
+        [one_epoch(epoch) for epoch in range(first_epoch, first_epoch + max(epochs, 1))],
     )
     if num_images is not None:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(num_images))
-    if cache_images:
-        ds = ds.cache()  # after decode and resize: later epochs skip both
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    # Training drops the ragged last batch so every replica gets an equal share.
-    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
-    if training and augment is not None:
+        steps = max(epochs, 1) * (num_images // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
+    if augment is not None:
         ds = augment(ds)
     return ds.prefetch(AUTOTUNE)
+
+
+def _images(
+    files: tf.data.Dataset,
+    num_files: int,
+    image_size: int,
+    num_images: int | None,
+    with_keys: bool = False,
+) -> tf.data.Dataset:
+    """Shard files → decoded, resized (image, label) pairs, read and decoded in parallel.
+
+    `deterministic=True`: parallel reads and decodes still overlap, but their results come
+    out in order. With `False` (faster when one element stalls) the order depends on thread
+    timing, and so did every seeded shuffle, batch and weight update after it.
+    """
+    ds = files.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(num_files, 8),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.map(_decoder(image_size, with_keys), num_parallel_calls=AUTOTUNE, deterministic=True)
+    if num_images is not None:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(num_images))
+    return ds
+
+
+def _epoch_seed(seed: int | None, epoch: int, *, stream: int) -> int | None:
+    """A shuffle seed that depends only on (seed, epoch, stream); None leaves it unseeded."""
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
 def _decoder(image_size: int, with_keys: bool = False):

@@ -24,7 +24,13 @@ from organtrain.data.dataset import load_dataset
 from organtrain.search.space import trial_config
 from organtrain.storage import Storage, join_key, open_storage
 from organtrain.strategy import make_strategy
-from organtrain.train import compiled_model, datasets, trial_settings
+from organtrain.train import (
+    ReseedEachEpoch,
+    compiled_model,
+    datasets,
+    steps_per_epoch,
+    trial_settings,
+)
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
@@ -69,7 +75,8 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
     keras.utils.set_random_seed(cfg.train.seed)
     strategy = make_strategy(cfg.train.cpu_replicas, job.expected_replicas)
     replicas = strategy.num_replicas_in_sync
-    train_ds, val_ds = datasets(cfg, storage, index, organ, cfg.input.batch_size * replicas)
+    global_batch = cfg.input.batch_size * replicas
+    has_val = bool(index.shards_for(organ, "val"))
 
     checkpoint = tune.get_checkpoint()
     with strategy.scope():
@@ -80,14 +87,19 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
             # Population based training may hand this trial a new learning rate.
             model.optimizer.learning_rate.assign(cfg.train.learning_rate)
         else:
-            monitor = "val_loss" if val_ds is not None else "loss"
+            monitor = "val_loss" if has_val else "loss"
             state = TrainingState(index.version, monitor=monitor, settings=trial_settings(cfg))
             model = compiled_model(cfg, len(classes))
     if state.epoch >= cfg.train.epochs or state.stopped_early:
         return  # finished before the restart; its results are already reported
     state.started = state.started or time.time()
     state.starts.append(state.epoch)  # a resumed trial shows where it picked up
-    callbacks = [ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ)]
+    # The epochs still to run; epoch k's batches and dropout depend only on (seed, k).
+    train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch, state.epoch)
+    callbacks = [
+        ReseedEachEpoch(cfg.train.seed),
+        ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ),
+    ]
     trial_dir = tune.get_context().get_trial_dir()
     if trial_dir:
         callbacks.append(
@@ -100,6 +112,7 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
         validation_data=val_ds,
         epochs=cfg.train.epochs,
         initial_epoch=state.epoch,
+        steps_per_epoch=steps_per_epoch(index, organ, global_batch),  # one stream of epochs
         callbacks=callbacks,
         shuffle=False,  # the pipeline shuffles
         verbose=0,
