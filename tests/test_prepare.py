@@ -81,7 +81,8 @@ def test_prepare_writes_manifest_shards_and_index(tmp_path):
     assert rejected == []
     assert len(manifest) == 80
     assert set(manifest[0]) == {"key", "organ", "diagnosis", "label", "sha256", "width", "height",
-                                "mode", "bytes", "split", "duplicate_of", "shard"}  # fmt: skip
+                                "mode", "bytes", "split", "duplicate_of", "shard", "group",
+                                "unit", "neardup_cluster", "signature", "metadata"}  # fmt: skip
     for row in manifest:
         assert row["key"].startswith(f"{row['organ']}/{row['diagnosis']}/")
         assert row["label"] == ORGANS[row["organ"]].index(row["diagnosis"])
@@ -193,7 +194,7 @@ def test_every_kind_of_bad_file_is_rejected_and_the_rest_prepared(tmp_path):
         "lung/benign/print.JPG": (png_bytes("CMYK", fmt="JPEG"), "unsupported_mode"),
         "lung/benign/readme.txt": (b"hello", "unsupported_extension"),
         "lung/stray.png": (good, "bad_layout"),
-        "lung/benign/extra/deeper.png": (good, "bad_layout"),
+        "lung/benign/patient/extra/deeper.png": (good, "bad_layout"),
     }
     for key, (data, _) in bad.items():
         (src / key).parent.mkdir(parents=True, exist_ok=True)

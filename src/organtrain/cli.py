@@ -1,5 +1,5 @@
-"""The `organtrain` command line: demo, synth, prepare, train, sweep, nightly, models,
-report, status."""
+"""The `organtrain` command line: demo, synth, prepare, leakage, train, sweep, nightly,
+models, report, status."""
 
 from __future__ import annotations
 
@@ -60,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--dataset", help="dataset name (default: prepare.dataset)")
     _add_config_args(prep, default=None)
     prep.set_defaults(run=_run_prepare)
+
+    leak = commands.add_parser(
+        "leakage",
+        help="check a prepared dataset version: no group or near-duplicate across splits",
+        description="Recomputes, from a dataset version's manifest and image signatures, "
+        "the patient/slide groups, identical files and near-duplicate pairs that straddle two "
+        "splits (prepare runs the same check before publishing). Exit status: 0 none, "
+        "1 leakage found, 2 bad input.",
+    )
+    leak.add_argument("--dataset", help="dataset name (default: prepare.dataset)")
+    leak.add_argument("--version", help="dataset version (default: the latest)")
+    _add_storage_arg(leak)
+    _add_config_args(leak, default=None)
+    leak.set_defaults(run=_run_leakage)
 
     train = commands.add_parser("train", help="train one organ's model (resumes if interrupted)")
     train.add_argument("--organ", required=True, help="organ to train, e.g. lung")
@@ -175,6 +189,36 @@ def _run_prepare(args) -> None:
     if args.dest:
         cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=args.dest))
     _prepare(cfg, progress=not args.no_progress)
+
+
+def _run_leakage(args) -> int:
+    from organtrain.data.dataset import load_dataset
+    from organtrain.data.leakage import check_version
+
+    cfg = load_config(args.config, args.overrides)
+    storage = _storage(cfg, args.storage or cfg.storage.uri)
+    index = load_dataset(storage, args.dataset or cfg.prepare.dataset, args.version)
+    report = check_version(storage, index, progress=not args.no_progress)
+    print(f"dataset {index.dataset} version {index.version}: leakage check ({report.method})")
+    for organ in report.organs.values():
+        print(
+            f"  {organ.organ}: {organ.images} images; groups per split "
+            + ", ".join(f"{s} {n}" for s, n in organ.groups.items())
+            + "; near-duplicate clusters "
+            + ", ".join(f"{s} {n}" for s, n in organ.clusters.items())
+        )
+        print(
+            f"    across splits: {organ.cross_split_groups} group(s), {organ.cross_split_copies} "
+            f"identical file(s), {organ.cross_split_pairs} near-duplicate pair(s)"
+        )
+        for leak in organ.leaks:
+            print(f"    LEAK {leak['kind']}: {leak['what']}")
+        if organ.closest:
+            c = organ.closest[0]
+            print(f"    closest train/test pair: {c['train_key']} ~ {c['test_key']} "
+                  f"(distance {c['distance']:.3g})")  # fmt: skip
+    print("no leakage" if report.clean else "LEAKAGE FOUND: " + " | ".join(report.problems()))
+    return 0 if report.clean else 1
 
 
 def _run_train(args) -> None:
@@ -335,6 +379,10 @@ def _prepare(cfg: RunConfig, *, progress: bool):
         print(f"  {organ}: {', '.join(diagnoses)}")
     for item in result.excluded:
         print(f"  left out: {item['reason']}")
+    if result.split_changes:
+        c = result.split_changes
+        print(f"  split changes: {c['images']} of {c['of']} image(s) of version "
+              f"{c['from_version']} are in another split now ({c['reason']})")  # fmt: skip
     if result.rejected:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(result.rejected_reasons.items()))
         print(f"  rejected: {reasons}; rejected.parquet in the version folder lists each file")

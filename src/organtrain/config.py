@@ -87,6 +87,11 @@ class PrepareConfig:
     encoding: str = "png"  # png (lossless) or jpeg (smaller, faster to decode)
     jpeg_quality: int = 95
     workers: int = 8  # threads reading, checking and re-encoding images
+    # Optional CSV/Parquet (local path or s3:// URI) with columns key,group: the patient,
+    # slide or specimen of each image, for trees without <organ>/<diagnosis>/<group>/ folders.
+    groups_table: str = ""
+    # Join rotated/flipped/re-compressed/resized copies of one image into one split unit.
+    near_duplicates: bool = True
 
     def __post_init__(self):
         _require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be between 0 and 1")

@@ -25,7 +25,10 @@ INDEX = "dataset.json"
 LATEST = "LATEST.json"
 MANIFEST = "manifest.parquet"
 REJECTED = "rejected.parquet"
-FORMAT = 1  # bump when the layout or record format changes
+FORMAT = 2  # bump when the layout or record format changes
+# 1: split by each file's hash; 2: groups and near-duplicates share a split, leakage checked.
+# The shards and the index fields training reads are the same, so both are readable.
+READABLE_FORMATS = (1, 2)
 
 
 def dataset_prefix(name: str, version: str | None = None) -> str:
@@ -46,6 +49,9 @@ class ShardEntry:
 class OrganIndex:
     diagnoses: list[str]  # label i is diagnoses[i]
     counts: dict[str, dict[str, int]]  # split -> diagnosis -> images in the shards
+    # split -> diagnosis -> patient/slide groups (or, for ungrouped images, split units):
+    # a test split with a handful of groups measures a handful of patients.
+    groups: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +67,8 @@ class DatasetIndex:
     images: int = 0
     rejected: int = 0
     format: int = FORMAT
+    leakage: dict | None = None  # the leakage check's figures (leakage.py), per organ
+    split_changes: dict | None = None  # images that changed split since the previous version
 
     def diagnoses(self, organ: str) -> list[str]:
         """The organ's classes: label i is diagnoses(organ)[i]."""
@@ -109,9 +117,10 @@ def load_dataset(storage: Storage, name: str, version: str | None = None) -> Dat
             f"{storage.url(key)} does not exist: version {version} of dataset {name!r} was "
             "never completed; run `organtrain prepare` again"
         ) from None
-    if index.format != FORMAT:
+    if index.format not in READABLE_FORMATS:
         raise DataError(
-            f"{storage.url(key)} has format {index.format}, this organtrain reads {FORMAT}; "
+            f"{storage.url(key)} has format {index.format}, this organtrain reads "
+            f"{', '.join(map(str, READABLE_FORMATS))}; "
             "re-run `organtrain prepare` with this version"
         )
     return index

@@ -37,6 +37,7 @@ class NormalisedImage:
     encoded: bytes  # RGB, in the dataset's encoding, at most max_side on its longer edge
     encoded_width: int
     encoded_height: int
+    rgb: Image.Image  # the normalised pixels, for the near-duplicate signature
 
 
 def normalise_image(
@@ -59,7 +60,7 @@ def normalise_image(
     out = io.BytesIO()
     options = {"quality": jpeg_quality} if encoding == "jpeg" else {}
     rgb.save(out, format=ENCODING_FORMATS[encoding], **options)
-    return NormalisedImage(width, height, mode, out.getvalue(), rgb.width, rgb.height)
+    return NormalisedImage(width, height, mode, out.getvalue(), rgb.width, rgb.height, rgb)
 
 
 def _decode(data: bytes) -> Image.Image:

@@ -20,7 +20,7 @@ class ImageRow:
     organ: str
     diagnosis: str
     label: int  # index into the organ's sorted diagnoses
-    sha256: str  # of the source file's bytes; decides the split
+    sha256: str  # of the source file's bytes
     width: int  # of the source image
     height: int
     mode: str  # Pillow mode of the source image
@@ -28,6 +28,11 @@ class ImageRow:
     split: str  # train | val | test
     duplicate_of: str | None  # key of the identical image whose record is in the shards
     shard: str  # the shard key holding this image's record
+    group: str | None  # patient/slide/specimen (group folder or groups table)
+    unit: str  # key of the split unit (group, near-duplicate cluster, image) it shares a split with
+    neardup_cluster: str | None  # its near-duplicate cluster; None when it has no near copy
+    signature: bytes  # near-duplicate signature (neardup.py), compared without the image
+    metadata: str | None  # the groups table's other columns for this image, JSON
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -44,6 +49,11 @@ MANIFEST_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("duplicate_of", pa.string()),
         ("shard", pa.string()),
+        ("group", pa.string()),
+        ("unit", pa.string()),
+        ("neardup_cluster", pa.string()),
+        ("signature", pa.binary()),
+        ("metadata", pa.string()),
     ]
 )
 

@@ -1,4 +1,13 @@
-"""Listing an `<organ>/<diagnosis>/<image>` tree into candidate images and rejections."""
+"""Listing an image tree into candidate images and rejections.
+
+Two layouts, mixed freely in one tree:
+
+    <organ>/<diagnosis>/<image>             an image on its own
+    <organ>/<diagnosis>/<group>/<image>     an image of one patient, slide or specimen
+
+The group folder is what keeps tiles of one slide together: every image of a group gets
+the group's split (see assign.py), whatever diagnosis folder it sits in.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ class Candidate:
     organ: str
     diagnosis: str
     size: int  # bytes
+    group: str | None = None  # the patient/slide/specimen folder, when the layout has one
 
 
 @dataclass(frozen=True)
@@ -46,19 +56,20 @@ def scan_tree(source: Storage) -> tuple[list[Candidate], list[Rejection]]:
 
 
 def _classify(key: str, parts: list[str], size: int) -> Candidate | Rejection:
-    if len(parts) != 3:
+    if len(parts) not in (3, 4):
         return Rejection(
             key,
             "bad_layout",
-            f"expected <organ>/<diagnosis>/<image>, found {len(parts)} path level(s); "
-            "move the file into its organ's diagnosis folder",
+            f"expected <organ>/<diagnosis>/<image> or <organ>/<diagnosis>/<group>/<image>, "
+            f"found {len(parts)} path level(s); move the file into its organ's diagnosis "
+            "folder (one patient/slide folder level at most)",
         )
-    organ, diagnosis, name = parts
-    for label, part in (
-        ("organ folder", organ),
-        ("diagnosis folder", diagnosis),
-        ("file name", name),
-    ):
+    organ, diagnosis, name = parts[0], parts[1], parts[-1]
+    group = parts[2] if len(parts) == 4 else None
+    named = [("organ folder", organ), ("diagnosis folder", diagnosis), ("file name", name)]
+    if group is not None:
+        named.insert(2, ("group folder", group))
+    for label, part in named:
         problem = key_part_problem(part)
         if problem:
             return Rejection(
@@ -72,4 +83,4 @@ def _classify(key: str, parts: list[str], size: int) -> Candidate | Rejection:
             organ,
             diagnosis,
         )
-    return Candidate(key, organ, diagnosis, size)
+    return Candidate(key, organ, diagnosis, size, group)
