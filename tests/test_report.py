@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import os
 import re
@@ -13,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 from tinyrun import RUN_ID, make_tiny_run
 
+from organtrain.data.dataset import DatasetIndex, OrganIndex, load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.report import REPORT, RunNotFoundError, build_report
 from organtrain.storage import LocalStorage
@@ -247,7 +251,8 @@ def test_train_run_report_opens_in_a_browser(store, tmp_path):
     # Each organ: its stored plots + the reliability diagram; thumbnails for its mistakes.
     stored = sum(1 for organ in ORGANS for _ in store.list(f"runs/{RUN_ID}/{organ}/plots"))
     assert stored >= 2 * 3 and page.count('<figure class="plot">') == stored + 2
-    assert page.count('<figure class="thumb">') == page.count("data:image/jpeg") > 0
+    pair_images = _assert_leakage_parts(store, page)
+    assert page.count('<figure class="thumb">') == page.count("data:image/jpeg") - pair_images > 0
 
     chromium = _chromium()
     check = _browser_check(chromium, report, tmp_path)
@@ -255,6 +260,36 @@ def test_train_run_report_opens_in_a_browser(store, tmp_path):
     assert sorted(check["sections"]) == ["organ-colon", "organ-lung"]
     shot = _screenshot(chromium, report, "report-train.png")
     assert shot.stat().st_size > 10_000
+
+
+def _assert_leakage_parts(store, page: str) -> int:
+    """Each organ's leakage check as dataset.json holds it; returns how many pair images."""
+    index = load_dataset(store, "tiny")
+    assert index.leakage and index.leakage["clean"]
+    images = 0
+    for organ in ORGANS:
+        section = page[page.index(f'id="organ-{organ}"') :]
+        section = section[: section.index("</section>")]
+        part = section[section.index("<h3>Leakage check</h3>") :]
+        method = html.escape(index.leakage["method"])
+        assert f"near-duplicate pair straddles two splits (checked by {method})" in part
+        assert "near-duplicate clusters" in part and "Patients/slides per diagnosis" in part
+        test_images = index.split_size(organ, "test")
+        assert f'<tr><td>test</td><td class="num">{test_images}</td>' in part
+        closest = index.leakage["organs"][organ]["closest"]
+        assert closest, "the check records the closest train/test pairs"
+        pairs = part[part.index('<table class="pairs">') :]
+        pairs = pairs[: pairs.index("</table>")]
+        sources = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', pairs)
+        assert len(sources) == 2 * len(closest)  # every train and test side found
+        for encoded in sources:
+            with Image.open(io.BytesIO(base64.b64decode(encoded))) as thumb:
+                thumb.load()
+                assert thumb.size[0] > 0
+        assert closest[0]["train_key"] in pairs and closest[0]["test_key"] in pairs
+        assert re.search(r"Pairs at or below [^,]* near-duplicate threshold, [0-9.]+,", part)
+        images += len(sources)
+    return images
 
 
 def test_sweep_report_shows_trials_failures_and_history(store, tmp_path):
@@ -325,5 +360,115 @@ def test_report_from_s3(store, s3_uri, tmp_path, monkeypatch):
     page = s3.get_bytes(key).decode()
     _assert_self_contained(page)
     assert 'id="organ-lung"' in page and 'id="organ-colon"' in page
-    assert page.count('<figure class="thumb">') == page.count("data:image/jpeg") > 0
+    pair_images = _assert_leakage_parts(s3, page)  # train and test shards read from S3
+    assert page.count('<figure class="thumb">') == page.count("data:image/jpeg") - pair_images > 0
     assert s3_uri in page  # the storage line names where the run lives
+
+
+# --- The leakage part, from hand-made dataset.json figures --------------------------------
+
+
+def _jpeg(colour: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _view(leakage: dict | None, test_groups: dict[str, int], **index_fields):
+    from organtrain.report.build import DatasetView
+
+    diagnoses = sorted(test_groups)
+    organ = OrganIndex(
+        diagnoses=diagnoses,
+        counts={s: dict.fromkeys(diagnoses, 20) for s in ("train", "val", "test")},
+        groups={"train": dict.fromkeys(diagnoses, 30), "val": dict.fromkeys(diagnoses, 8),
+                "test": test_groups},
+    )  # fmt: skip
+    index = DatasetIndex(
+        "tiny", "v2", "", "", {}, {"lung": organ}, [], leakage=leakage, **index_fields
+    )
+    return DatasetView(index=index)
+
+
+def _organ_figures(**changes) -> dict:
+    figures = {
+        "organ": "lung",
+        "images": 100,
+        "groups": {"train": 60, "val": 16, "test": 14},
+        "clusters": {"train": 3, "val": 1, "test": 1},
+        "cross_split_groups": 0,
+        "cross_split_copies": 0,
+        "cross_split_pairs": 0,
+        "leaks": [],
+        "closest": [
+            {"train_key": "lung/benign/a.png", "train_sha256": "a" * 64,
+             "test_key": "lung/benign/b.png", "test_sha256": "b" * 64, "distance": 0.05},
+            {"train_key": "lung/benign/c.png", "train_sha256": "c" * 64,
+             "test_key": "lung/benign/d.png", "test_sha256": "d" * 64, "distance": 0.31},
+        ],
+    }  # fmt: skip
+    return figures | changes
+
+
+def test_leakage_part_names_the_leaks_as_a_warning():
+    from organtrain.report.build import _leakage_part
+
+    leaks = [
+        {"kind": "group", "what": "group 'patient <7>' in test and train"},
+        {"kind": "near_duplicate", "what": "lung/benign/x.png (train) ≈ lung/benign/y.png (test)"},
+    ]
+    figures = _organ_figures(cross_split_groups=1, cross_split_pairs=2, leaks=leaks)
+    leakage = {"method": "dhash-16", "clean": False, "threshold": 0.1, "organs": {"lung": figures}}
+    view = _view(leakage, {"adenocarcinoma": 9, "benign": 7})
+    thumbs = {"train": {"a" * 64: _jpeg("red")}, "test": {"b" * 64: _jpeg("blue")}}
+    part = _leakage_part(view, "lung", thumbs)
+
+    assert "straddles two splits (checked by" not in part  # no pass line
+    assert '<div class="warning"><p><b>Leakage found</b> (checked by dhash-16): ' in part
+    assert "1 patient/slide group(s), 0 identical file(s) and 2 near-duplicate pair(s)" in part
+    assert "The first 2 of 3:" in part  # the counts are complete, the list is not
+    assert "<li>patient/slide group: group &#x27;patient &lt;7&gt;&#x27; in test and train" in part
+    assert "<li>near-duplicate pair: lung/benign/x.png (train) ≈ lung/benign/y.png" in part
+    # The closest pairs: side by side, the one under the threshold flagged, a missing image said.
+    assert "Pairs at or below the near-duplicate threshold, 0.1, count as copies" in part
+    assert part.count("data:image/jpeg") == 2
+    assert '<td class="num warn">0.05<br>≤ threshold</td>' in part
+    assert '<td class="num">0.31</td>' in part
+    assert part.count("image not found in the shards") == 2  # c (train) and d (test)
+    assert "rests on" not in part  # enough test patients for both diagnoses
+
+
+def test_leakage_part_flags_a_diagnosis_with_few_test_groups():
+    from organtrain.report.build import _leakage_part
+
+    leakage = {"method": "dhash-16", "clean": True, "organs": {"lung": _organ_figures()}}
+    view = _view(leakage, {"adenocarcinoma": 3, "benign": 12})
+    part = _leakage_part(view, "lung", {}, "train images unavailable: shard gone")
+
+    passed = (
+        '<p class="pass">✔ No patient/slide group, identical file or near-duplicate pair '
+        "straddles two splits (checked by dhash-16).</p>"
+    )
+    assert passed in part
+    assert "The test accuracy of <i>adenocarcinoma</i> rests on 3 patients/slides." in part
+    assert "<i>benign</i> rests on" not in part
+    assert '<td class="num warn">3</td>' in part and '<td class="num">12</td>' in part
+    assert "does not record the near-duplicate threshold" in part
+    assert "train images unavailable: shard gone" in part
+    assert part.count("image not found in the shards") == 4
+
+
+def test_leakage_part_of_a_version_prepared_before_the_check():
+    from organtrain.report.build import _leakage_part, _split_changes
+
+    changes = {"from_version": "v1", "images": 12, "of": 200, "reason": "groups changed"}
+    view = _view(None, {"adenocarcinoma": 6, "benign": 1}, split_changes=changes)
+    part = _leakage_part(view, "lung", {})
+    assert "prepared by an older organtrain, before leakage checks" in part
+    assert "<code>organtrain leakage --dataset tiny --version v2</code>" in part
+    assert "The test accuracy of <i>benign</i> rests on 1 patient/slide." in part
+    assert "Closest train/test pairs" not in part
+    note = _split_changes(view)
+    assert note.startswith('<p class="warning">12 of the 200 images of dataset version ')
+    assert "<code>v1</code> changed split in this version (groups changed)" in note
+    assert _split_changes(_view(None, {"benign": 6})) == ""

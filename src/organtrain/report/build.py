@@ -4,9 +4,11 @@
 
 A summary table (one row per organ, every test metric with its 95 % bootstrap interval),
 then one section per organ: figures, calibration, class balance, rejected files, the
-trials of its search, and the test images it got wrong. Organs that failed show their
-error; organs still running say so. An optional nightly history adds trends and
-promotion decisions. Works for `organtrain train` runs and for sweeps.
+leakage check (no patient/slide group or near-duplicate image in two splits; the closest
+train/test pairs side by side), the trials of its search, and the test images it got
+wrong. Organs that failed show their error; organs still running say so. An optional
+nightly history adds trends and promotion decisions. Works for `organtrain train` runs
+and for sweeps.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from organtrain.data.dataset import MANIFEST, REJECTED, DatasetIndex, dataset_pr
 from organtrain.errors import OrgantrainError
 from organtrain.report import html as h
 from organtrain.report.run import OrganRun, Run, load_run, read_table
-from organtrain.report.thumbnails import misclassified, thumbnails_from_test_split
+from organtrain.report.thumbnails import misclassified, thumbnails_from_split
 from organtrain.storage import Storage, join_key
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,12 @@ FIGURES = (  # file under <organ>/plots/, caption
     ("sweep.png", "The search: every trial's validation metric"),
 )
 MAX_ROWS = 50  # rows of a rejected-files or trials table before "… and N more"
+MIN_TEST_GROUPS = 5  # a diagnosis tested on fewer patients/slides than this is flagged
+LEAK_KINDS = {  # leakage.py's kinds, in a pathologist's words
+    "group": "patient/slide group",
+    "copy": "identical file",
+    "near_duplicate": "near-duplicate pair",
+}
 
 
 @dataclass
@@ -189,8 +197,23 @@ def _header(run: Run, dataset: DatasetView) -> str:
     )
     return (
         f"<header><h1>organtrain run {h.text(run.run_id)}</h1>"
-        f'<p class="meta">{"<br>".join(lines)}</p>{problem}'
+        f'<p class="meta">{"<br>".join(lines)}</p>{problem}{_split_changes(dataset)}'
         f"<nav>Organs: {nav or 'none yet'}</nav></header>"
+    )
+
+
+def _split_changes(dataset: DatasetView) -> str:
+    """A warning when images changed split since the previous dataset version."""
+    changes = dataset.index.split_changes if dataset.index else None
+    if not changes:
+        return ""
+    before = f"<code>{h.text(changes.get('from_version', '?'))}</code>"
+    reason = h.text(changes.get("reason") or "reason not recorded")
+    return (
+        f'<p class="warning">{h.text(changes.get("images", "?"))} of the '
+        f"{h.text(changes.get('of', '?'))} images of dataset version {before} changed split "
+        f"in this version ({reason}). Test figures of models trained on version {before} "
+        "are not comparable with this run's.</p>"
     )
 
 
@@ -256,6 +279,7 @@ def _organ_section(
         parts.append(f'<p class="note">{h.text(facts.problem)}</p>')
     parts.append(_class_balance(dataset, name))
     parts.append(_rejected(dataset, name))
+    parts.append(_leakage(run, dataset, name))
     parts.append(_trials_table(run, organ))
     if facts.predictions:
         parts.append(_misclassified(run, organ, dataset, facts, max_thumbnails))
@@ -353,6 +377,252 @@ def _rejected_table(rows: list[dict], dataset: DatasetView) -> str:
     return h.table(["file", "diagnosis", "reason", "detail"], shown) + more
 
 
+# --- Leakage check ------------------------------------------------------------------------
+
+
+def _leakage(run: Run, dataset: DatasetView, organ: str) -> str:
+    """The organ's leakage check, with thumbnails of its closest train/test pairs."""
+    closest = (_organ_leakage(dataset.index, organ) or {}).get("closest") or []
+    thumbs, problems = {}, []
+    for split in ("train", "test"):
+        wanted = {pair[f"{split}_sha256"] for pair in closest}
+        thumbs[split], problem = _thumbnails(run, dataset, organ, split, wanted)
+        problems += [problem] if problem else []
+    return _leakage_part(dataset, organ, thumbs, "; ".join(problems))
+
+
+def _organ_leakage(index: DatasetIndex | None, organ: str) -> dict | None:
+    """The leakage check's figures for `organ` (LeakageReport.to_dict()), if checked."""
+    if index is None or not index.leakage:
+        return None
+    return (index.leakage.get("organs") or {}).get(organ)
+
+
+def _leakage_part(
+    dataset: DatasetView, organ: str, thumbs: dict[str, dict[str, bytes]], problem: str = ""
+) -> str:
+    """The "Leakage check" part of an organ's section, from the figures `prepare` stored
+    in dataset.json: the verdict, images/groups/clusters per split, patients/slides per
+    diagnosis, and the closest train/test pairs side by side.
+
+    `thumbs`: split -> sha256 -> JPEG thumbnail; `problem`: why some images are missing.
+    """
+    index = dataset.index
+    if index is None or organ not in index.organs:
+        return ""
+    checked = _organ_leakage(index, organ)
+    parts = ["<h3>Leakage check</h3>"]
+    if checked is None:
+        parts.append(_not_checked(index, organ))
+    else:
+        parts += [_leakage_verdict(index, checked), _units_per_split(dataset, organ, checked)]
+    parts.append(_groups_per_diagnosis(index, organ))
+    if checked is not None:
+        parts.append(_closest_pairs(index, checked, thumbs, problem))
+    return "\n".join(p for p in parts if p)
+
+
+def _not_checked(index: DatasetIndex, organ: str) -> str:
+    version = f"<code>{h.text(index.version)}</code>"
+    if index.leakage:
+        return (
+            f'<p class="warning">The leakage check of version {version} has no figures for '
+            f"{h.text(organ)}.</p>"
+        )
+    command = f"organtrain leakage --dataset {index.dataset} --version {index.version}"
+    return (
+        f'<p class="warning">Version {version} of dataset <b>{h.text(index.dataset)}</b> was '
+        "prepared by an older organtrain, before leakage checks: nothing here shows that no "
+        "patient/slide group or near-duplicate image is in both the training and the test "
+        f"split. Run <code>{h.text(command)}</code> to check it, or re-run "
+        "<code>organtrain prepare</code> to make a version that keeps each in one split.</p>"
+    )
+
+
+def _leakage_verdict(index: DatasetIndex, checked: dict) -> str:
+    method = h.text((index.leakage or {}).get("method", "unknown method"))
+    counts = {k: checked.get(f"cross_split_{k}", 0) for k in ("groups", "copies", "pairs")}
+    guard_off = ((index.settings or {}).get("split_rule") or {}).get("units") == "groups"
+    off = (
+        '<p class="note">The near-duplicate guard was off when this version was prepared '
+        "(<code>prepare.near_duplicates: false</code>): rotated, flipped or re-compressed "
+        "copies of one tile were neither grouped nor looked for.</p>"
+        if guard_off
+        else ""
+    )
+    if not any(counts.values()):
+        return (
+            '<p class="pass">✔ No patient/slide group, identical file or near-duplicate pair '
+            f"straddles two splits (checked by {method}).</p>{off}"
+        )
+    leaks = checked.get("leaks") or []
+    items = "".join(
+        f"<li>{h.text(LEAK_KINDS.get(leak.get('kind'), leak.get('kind')))}: "
+        f"{h.text(leak.get('what'))}</li>"
+        for leak in leaks
+    )
+    total = sum(counts.values())
+    listed = f"<p>The first {len(leaks)} of {total}:</p>" if len(leaks) < total else ""
+    return (
+        f'<div class="warning"><p><b>Leakage found</b> (checked by {method}): '
+        f"{counts['groups']} patient/slide group(s), {counts['copies']} identical file(s) and "
+        f"{counts['pairs']} near-duplicate pair(s) straddle two splits. The model may have "
+        "been tested on patients or images it saw in training, so this organ's test figures "
+        f"are likely too good.</p>{listed}<ul>{items}</ul></div>{off}"
+    )
+
+
+def _units_per_split(dataset: DatasetView, organ: str, checked: dict) -> str:
+    """Images, patient/slide groups, split units and near-duplicate clusters per split."""
+    rows = [m for m in dataset.manifest if m["organ"] == organ]
+    has_units = any(m.get("unit") for m in rows)
+    groups, clusters = checked.get("groups") or {}, checked.get("clusters") or {}
+    table = [
+        [
+            h.text(split),
+            h.number(dataset.index.split_size(organ, split)),
+            h.number(groups.get(split)),
+            h.number(len({m["unit"] for m in rows if m["split"] == split and m.get("unit")})
+                     if has_units else None),
+            h.number(clusters.get(split)),
+        ]
+        for split in SPLITS
+    ]  # fmt: skip
+    headers = ["split", "images", "patient/slide groups", "split units", "near-duplicate clusters"]
+    note = (
+        "A split unit is what always stays in one split: a patient/slide group with "
+        "everything joined to it, a cluster of near-duplicates (rotated, flipped or "
+        "re-compressed copies of one tile), or a single image with neither."
+    )
+    return f'{h.table(headers, table)}<p class="note">{note}</p>'
+
+
+def _groups_per_diagnosis(index: DatasetIndex, organ: str) -> str:
+    """Patients/slides (split units) per diagnosis and split; few test ones flagged."""
+    groups = index.organs[organ].groups
+    if not groups:
+        return ""
+    few = {}
+    table = []
+    for diagnosis in index.organs[organ].diagnoses:
+        cells = [h.text(diagnosis)]
+        for split in SPLITS:
+            n = (groups.get(split) or {}).get(diagnosis, 0)
+            if split == "test" and n < MIN_TEST_GROUPS:
+                few[diagnosis] = n
+                cells.append(f'<td class="num warn">{n:,}</td>')
+            else:
+                cells.append(h.number(n))
+        table.append(cells)
+    parts = [
+        "<h4>Patients/slides per diagnosis</h4>",
+        h.table(["diagnosis", *SPLITS], table),
+        '<p class="note">An image with no known patient or slide counts as one.</p>',
+    ]
+    if few:
+        items = "".join(
+            f"<li>The test accuracy of <i>{h.text(d)}</i> rests on {n} "
+            f"{'patient/slide' if n == 1 else 'patients/slides'}.</li>"
+            for d, n in few.items()
+        )
+        parts.append(
+            f'<div class="warning"><ul>{items}</ul><p>Fewer than {MIN_TEST_GROUPS} in the '
+            "test split: its per-class test figures say little about new patients. Add images "
+            "from more patients or slides.</p></div>"
+        )
+    return "".join(parts)
+
+
+def _closest_pairs(
+    index: DatasetIndex, checked: dict, thumbs: dict[str, dict[str, bytes]], problem: str
+) -> str:
+    """The closest train/test pairs side by side, to judge the near-duplicate threshold."""
+    closest = checked.get("closest") or []
+    if not closest:
+        return '<p class="note">No closest train/test pairs recorded.</p>'
+    leakage = index.leakage or {}
+    threshold, recorded = _threshold(leakage, checked)
+    rows = []
+    for pair in closest:
+        distance = pair.get("distance")
+        near = threshold is not None and distance is not None and distance <= threshold
+        rows.append([
+            _pair_image(thumbs.get("train", {}), pair["train_sha256"], pair["train_key"]),
+            _pair_image(thumbs.get("test", {}), pair["test_sha256"], pair["test_key"]),
+            _distance_cell(distance, near),
+        ])  # fmt: skip
+    if threshold is None:
+        rule = "This version does not record the near-duplicate threshold."
+    else:
+        whose = "the" if recorded else "this organtrain's (the version records none)"
+        rule = (
+            f"Pairs at or below {whose} near-duplicate threshold, {threshold:.4g}, count as "
+            "copies of one tile and are kept in one split."
+        )
+    intro = (
+        f"The {len(closest)} training/test pairs that look most alike (distance between "
+        f"their {h.text(leakage.get('method', '?'))} signatures; 0: indistinguishable). "
+        f"{rule} If a pair shows the same tissue tile (rotated, flipped, re-compressed), the "
+        "threshold is too low; if none look alike, it is high enough."
+    )
+    missing = f'<p class="note">{h.text(problem)}</p>' if problem else ""
+    table = h.table(["training image", "test image", "distance"], rows, css_class="pairs")
+    return f'<h4>Closest train/test pairs</h4><p class="note">{intro}</p>{missing}{table}'
+
+
+def _threshold(leakage: dict, checked: dict) -> tuple[float | None, bool]:
+    """(near-duplicate threshold, whether the version recorded it). Unrecorded, this
+    organtrain's threshold applies only if the version used the same signatures."""
+    recorded = checked.get("threshold", leakage.get("threshold"))
+    if recorded is not None:
+        return recorded, True
+    from organtrain.data import neardup  # imported here: it loads scikit-learn
+
+    if leakage.get("method") == neardup.SIGNATURE_METHOD:
+        return neardup.THRESHOLD, False
+    return None, False
+
+
+def _distance_cell(distance: float | None, near: bool) -> str:
+    if distance is None:
+        return h.number(None)
+    if near:
+        return f'<td class="num warn">{distance:.4g}<br>≤ threshold</td>'
+    return f'<td class="num">{distance:.4g}</td>'
+
+
+def _pair_image(thumbs: dict[str, bytes], sha256: str, key: str) -> str:
+    picture = (
+        h.image(thumbs[sha256], key, mime="image/jpeg")
+        if sha256 in thumbs
+        else '<span class="note">image not found in the shards</span>'
+    )
+    return f'<td>{picture}<span class="note">{h.text(key)}</span></td>'
+
+
+def _thumbnails(
+    run: Run, dataset: DatasetView, organ: str, split: str, sha256s: set[str]
+) -> tuple[dict[str, bytes], str]:
+    """Thumbnails of the wanted images of one split, and why some are missing ("" if
+    none is). Only the shards the manifest names for them are read."""
+    if not sha256s:
+        return {}, ""
+    if dataset.index is None:
+        return {}, f"{split} images unavailable: {dataset.problem}"
+    shards = {
+        m["shard"]
+        for m in dataset.manifest
+        if m["organ"] == organ and m["split"] == split and m["sha256"] in sha256s and m.get("shard")
+    }
+    try:
+        found = thumbnails_from_split(
+            run.storage, dataset.index, organ, split, sha256s, shard_keys=shards or None
+        )
+    except OrgantrainError as err:
+        return {}, f"{split} images unavailable: {err}"
+    return found, ""
+
+
 # Columns of trials.parquet that the section's context already says, or that only
 # matter to machines (epoch-second timestamps).
 _TRIAL_COLUMNS_HIDDEN = {"run_id", "organ", "metric", "started", "ended"}
@@ -410,16 +680,7 @@ def _misclassified(
     title = f"<h3>Misclassified test images ({total} of {len(facts.predictions)})</h3>"
     if not wrong:
         return title + '<p class="note">None: every test image was classified correctly.</p>'
-    thumbs, problem = {}, ""
-    if dataset.index is not None:
-        try:
-            thumbs = thumbnails_from_test_split(
-                run.storage, dataset.index, organ.organ, {p["sha256"] for p in wrong}
-            )
-        except OrgantrainError as err:
-            problem = f"test images unavailable: {err}"
-    else:
-        problem = f"test images unavailable: {dataset.problem}"
+    thumbs, problem = _thumbnails(run, dataset, organ.organ, "test", {p["sha256"] for p in wrong})
     cells = []
     for p in wrong:
         picture = (

@@ -43,6 +43,13 @@ figure.thumb { border: 1px solid #d8dee4; padding: 6px; background: #fafbfc; }
 figure.thumb img { width: 128px; height: 128px; object-fit: contain; display: block;
                    margin: 0 auto 4px; background: #fff; }
 figure.thumb figcaption { overflow-wrap: anywhere; }
+.warning { background: #fff8e5; border: 1px solid #e3b341; border-left-width: 5px;
+           padding: 6px 10px; }
+.pass { color: #1a7f37; font-weight: 600; }
+td.warn { background: #fff8e5; color: #9a6700; font-weight: 600; }
+table.pairs img { width: 128px; height: 128px; object-fit: contain; display: block;
+                  background: #fff; }
+table.pairs .note { display: block; max-width: 180px; overflow-wrap: anywhere; }
 """
 
 
@@ -76,14 +83,19 @@ def figure(data: bytes, caption: str) -> str:
     return f'<figure class="plot">{image(data, caption)}{caption_html}</figure>'
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, row_classes=None) -> str:
+def table(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], *, row_classes=None, css_class=""
+) -> str:
     """A table whose cells are already HTML (build them with text(), number(), ...)."""
     head = "".join(f"<th>{text(h)}</th>" for h in headers)
     body = []
     for i, row in enumerate(rows):
         klass = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
         body.append(f"<tr{klass}>" + "".join(_cell(c) for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    attributes = f' class="{css_class}"' if css_class else ""
+    return (
+        f"<table{attributes}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 def _cell(html: str) -> str:
