@@ -76,12 +76,13 @@ from organtrain.data import aligned
 
 SIGNATURE_METHOD = "polar-ring-v1+aligned-colour-v1"
 RING_THRESHOLD = 0.22  # first stage: ring-spectrum distance (bench/RESULTS.md)
-# Second stage: aligned colour correlation (aligned.py), stricter for images whose shorter
-# side is under SMALL_SIDE px: their grid is upsampled, and blurred look-alikes (platelets)
-# correlate closely. Chosen on BCCD crops and synthetic tiles: bench/RESULTS.md.
+# Second stage: aligned colour correlation (aligned.py), stricter when both images' shorter
+# sides are under SMALL_SIDE px: their grids hold no more detail than the images, and small
+# blurred look-alikes (platelets) correlate closely. Chosen on BCCD crops and synthetic
+# tiles: bench/RESULTS.md.
 MIN_CORRELATION = 0.93
 MIN_CORRELATION_SMALL = 0.98
-SMALL_SIDE = 48
+SMALL_SIDE = 64
 THRESHOLD = 1.0  # of `distance`, which scales both stages so that a pair is ≤ 1
 
 _SIDE = 64  # px of the central square the rings are sampled from
