@@ -65,6 +65,7 @@ compare all against all in blocks with matrix products, sharing only the pair de
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 
@@ -248,6 +249,8 @@ def near_duplicate_pairs(
 
 def _index_candidates(vectors: np.ndarray, *, exact: bool) -> np.ndarray:
     """Unique (i, j), i < j, rows of image pairs some level of which the index found close."""
+    # faiss' loader logs at INFO each CPU-specific build it tries and does not find.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss  # only prepare needs it; the leakage check (cross_pairs) does not
     except ImportError as error:
