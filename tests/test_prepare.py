@@ -333,3 +333,21 @@ def test_prepare_from_and_to_s3(tmp_path, s3_uri):
     with pytest.raises(ChecksumMismatchError, match=shard.key):
         fetch_shard(dest, index, shard, tmp_path / "c2.tfrecord")
     assert json.loads(dest.get_bytes("datasets/t/LATEST.json"))["version"] == result.version
+
+
+def test_the_same_input_gives_the_same_shard_bytes_in_another_process(tmp_path):
+    import subprocess
+    import sys
+
+    src = make_tree(tmp_path / "src")
+    checksums = []
+    for n in range(2):  # separate processes: protobuf's map order may differ between them
+        store = tmp_path / f"store{n}"
+        subprocess.run(
+            [sys.executable, "-m", "organtrain", "prepare", str(src), "--dest", str(store),
+             "--dataset", "t", "--no-progress", "--set", "prepare.min_images_per_diagnosis=5"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        index = load_dataset(LocalStorage(store), "t")
+        checksums.append({s.key: s.sha256 for s in index.shards})
+    assert checksums[0] == checksums[1] and len(checksums[0]) > 4

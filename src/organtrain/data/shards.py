@@ -2,10 +2,10 @@
 
 Records within a shard are in sha256 order: deterministic (re-running `prepare` writes
 the same records in the same shards, so an interrupted run can skip shards it already
-published) and unrelated to diagnosis, so a shard is already a mix of classes. The bytes
-of a shard are not a stable identity: protobuf may serialise an Example's feature map in
-another order in another process. What changed between versions is read from the
-manifest (see nightly.fingerprints).
+published) and unrelated to diagnosis, so a shard is already a mix of classes. Each
+Example is serialised deterministically (its feature map sorted by key: protobuf's
+default order may differ between processes), so the same records give the same shard
+bytes and checksum in any process.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def write_shard(path: str | Path, records: Iterable[ShardRecord]) -> int:
                 SOURCE_KEY: b(r.source_key.encode()),
             }
             example = tf.train.Example(features=tf.train.Features(feature=features))
-            writer.write(example.SerializeToString())
+            writer.write(example.SerializeToString(deterministic=True))
             n += 1
     return n
 
