@@ -70,7 +70,10 @@ def apply_group_table(
     known = {c.key for c in candidates}
     unmatched = sorted(k for k in table.groups if k not in known)
     grouped = [
-        replace(c, group=table.groups[c.key]) if c.key in table.groups else c for c in candidates
+        replace(c, group=table.groups[c.key], metadata=table.metadata.get(c.key))
+        if c.key in table.groups
+        else c
+        for c in candidates
     ]
     return grouped, unmatched
 

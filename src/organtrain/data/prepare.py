@@ -245,8 +245,6 @@ def _check_images(source, candidates, cfg, spool: Path, progress: bool):
     source is read only once even when it is in object storage.
     """
 
-    metadata = load_group_table(cfg.groups_table).metadata if cfg.groups_table else {}
-
     def check(candidate: Candidate) -> CheckedImage | Rejection:
         data = source.get_bytes(candidate.key)
         sha = sha256_bytes(data)
@@ -267,7 +265,7 @@ def _check_images(source, candidates, cfg, spool: Path, progress: bool):
             image.width, image.height, image.mode, len(data),
             image.encoded_width, image.encoded_height, candidate.group,
             neardup.signature(np.asarray(image.rgb)) if cfg.near_duplicates else b"",
-            metadata.get(candidate.key),
+            candidate.metadata,
         )  # fmt: skip
 
     checked, rejected = [], []

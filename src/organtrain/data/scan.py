@@ -26,6 +26,7 @@ class Candidate:
     diagnosis: str
     size: int  # bytes
     group: str | None = None  # the patient/slide/specimen folder, when the layout has one
+    metadata: str | None = None  # the groups table's other columns (groups.py), JSON
 
 
 @dataclass(frozen=True)
