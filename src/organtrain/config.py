@@ -75,8 +75,9 @@ class PrepareConfig:
         "demo-output/source"  # a local folder or s3://bucket/prefix of <organ>/<diagnosis>/
     )
     dataset: str = "demo"  # written to <storage>/datasets/<dataset>/<version>/
-    # Fractions of each diagnosis, decided by content hash. Changing val_fraction moves
-    # images only between train and validation; the test set depends on test_fraction only.
+    # Fractions of each diagnosis's split units (patient/slide groups, near-duplicate
+    # clusters, single images), decided by hashing each unit's key (data/split.py). Changing
+    # val_fraction moves images only between train and validation.
     test_fraction: float = 0.15
     val_fraction: float = 0.15
     # A diagnosis with fewer images (or with an empty split) is left out and reported.
