@@ -3,59 +3,17 @@ with the brute force. Recall and false-merge *rates* are measured in bench/neard
 
 from __future__ import annotations
 
-import io
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from copies import D4, jpeg, resize, rotate_crop, thumbnail
 from PIL import Image
 
 from organtrain.data import neardup as nd
 from organtrain.data.synth import write_synthetic_tree
 
 SAMPLE = Path(__file__).parent / "data" / "bccd-sample"
-D4 = [
-    Image.Transpose.ROTATE_90,
-    Image.Transpose.ROTATE_180,
-    Image.Transpose.ROTATE_270,
-    Image.Transpose.FLIP_LEFT_RIGHT,
-    Image.Transpose.FLIP_TOP_BOTTOM,
-    Image.Transpose.TRANSPOSE,
-    Image.Transpose.TRANSVERSE,
-]
-
-
-def thumbnail(image: Image.Image, max_side: int = 256) -> Image.Image:
-    """prepare's rule: the longer side at most max_side."""
-    image = image.convert("RGB")
-    if max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return image
-
-
-def rotate_crop(image: Image.Image, degrees: float) -> Image.Image:
-    """Augmentor's rotation: rotate, crop the largest inner rectangle, resize back."""
-    w, h = image.size
-    inner_w, inner_h = nd._largest_rotated_rect(w, h, math.radians(degrees))
-    rotated = image.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)
-    cw, ch = rotated.size
-    box = [round((cw - inner_w) / 2), round((ch - inner_h) / 2)]
-    box += [round((cw + inner_w) / 2), round((ch + inner_h) / 2)]
-    return rotated.crop(tuple(box)).resize((w, h), Image.Resampling.BICUBIC)
-
-
-def jpeg(image: Image.Image, quality: int = 70) -> Image.Image:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
-
-
-def resize(image: Image.Image, factor: float) -> Image.Image:
-    w, h = image.size
-    return image.resize((round(w * factor), round(h * factor)), Image.Resampling.BICUBIC)
-
-
 FAMILIES = {
     "d4": lambda im: [im.transpose(t) for t in D4],
     "rotate": lambda im: [rotate_crop(im, a) for a in (-23, -12, 7, 18)],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
 from collections import defaultdict
@@ -19,13 +18,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from copies import resize, rotate_crop
 from PIL import Image
 
 from organtrain.cli import main
 from organtrain.config import PrepareConfig
 from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import read_parquet
-from organtrain.data.neardup import _largest_rotated_rect
 from organtrain.data.prepare import prepare
 from organtrain.data.synth import write_synthetic_tree
 from organtrain.errors import DataError
@@ -140,25 +139,18 @@ def test_the_leakage_check_passes_the_published_version_and_fails_a_leaking_one(
 
 
 def transformed(image: Image.Image) -> dict[str, Image.Image]:
-    """The copies a public data set's augmentation makes of one tile (as Augmentor does:
-    rotations crop the largest inner rectangle and resize it back)."""
+    """The copies a public data set's augmentation makes of one tile."""
     w, h = image.size
-    out = {
+    return {
         "rot90": image.transpose(Image.Transpose.ROTATE_90),
         "rot180": image.transpose(Image.Transpose.ROTATE_180),
         "flip": image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
         "transpose": image.transpose(Image.Transpose.TRANSPOSE),
         "half": image.resize((w // 2, h // 2), Image.Resampling.BILINEAR),
-        "double": image.resize((w * 2, h * 2), Image.Resampling.BICUBIC),
+        "double": resize(image, 2),
+        "rot-20": rotate_crop(image, -20),
+        "rot12": rotate_crop(image, 12),
     }
-    for degrees in (-20, 12):
-        inner_w, inner_h = _largest_rotated_rect(w, h, math.radians(degrees))
-        rotated = image.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)
-        cw, ch = rotated.size
-        box = (round((cw - inner_w) / 2), round((ch - inner_h) / 2),
-               round((cw + inner_w) / 2), round((ch + inner_h) / 2))  # fmt: skip
-        out[f"rot{degrees}"] = rotated.crop(box).resize((w, h), Image.Resampling.BICUBIC)
-    return out
 
 
 def save_jpeg(image: Image.Image, path: Path, quality: int = 70) -> None:
