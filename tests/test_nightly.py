@@ -218,5 +218,5 @@ def test_a_second_nightly_for_the_same_night_is_refused(lab):
     with NightLock(LocalStorage(lab / "store"), "nightly-2026-03-05", stale_after=600):
         done = run_nightly(lab, "2026-03-05")
     assert done.returncode == 3, done.stderr[-3000:]
-    assert "another nightly for nightly-2026-03-05 is running" in done.stderr
+    assert "the nightly for nightly-2026-03-05 is locked by another process" in done.stderr
     assert "2026-03-05" not in {r["night"] for r in history(lab)}

@@ -23,17 +23,12 @@ One night, keyed by its date (run id `nightly-YYYY-MM-DD`):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
-import socket
 import tempfile
-import threading
-import time
 import typing
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
@@ -45,21 +40,19 @@ from organtrain import registry
 from organtrain.config import RunConfig
 from organtrain.data.dataset import MANIFEST, DatasetIndex, dataset_prefix, load_dataset
 from organtrain.data.manifest import parquet_bytes, read_parquet
-from organtrain.errors import ObjectNotFoundError, OrgantrainError
+from organtrain.errors import ObjectNotFoundError
 from organtrain.search.sweep import json_safe, sweep
 from organtrain.storage import Storage, join_key, open_storage
+from organtrain.storage.lock import LockHeld, StorageLock
 
 log = logging.getLogger(__name__)
 
 HISTORY = "nightly/history.parquet"
 PLAN = "nightly.json"
-HEARTBEAT_S = 30
 
 
-class NightlyRunning(OrgantrainError):
+class NightlyRunning(LockHeld):
     """Another nightly holds this night's lock."""
-
-    exit_code = 3
 
 
 @dataclass
@@ -397,70 +390,9 @@ def _report(storage: Storage, run_id: str, history: pa.Table) -> str | None:
         return None
 
 
-class NightLock:
-    """`nightly/locks/<run_id>.json`, created exclusively, refreshed every 30 s while held.
-
-    A lock left by a holder that died is taken over: on the same host when its process is
-    gone, anywhere when it has not been refreshed for `stale_after` seconds.
-    """
-
-    def __init__(self, storage: Storage, run_id: str, *, stale_after: int):
-        self.storage, self.stale_after = storage, stale_after
-        self.key = join_key("nightly", "locks", f"{run_id}.json")
-        self.run_id = run_id
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _record(self) -> bytes:
-        return json.dumps({
-            "run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "heartbeat": time.time(),
-        }).encode()  # fmt: skip
-
-    def __enter__(self):
-        if not self.storage.put_if_absent(self.key, self._record()):
-            holder = self._holder()
-            if holder is not None and not self._stale(holder):
-                raise NightlyRunning(
-                    f"another nightly for {self.run_id} is running (pid {holder['pid']} on "
-                    f"{holder['host']}, lock {self.storage.url(self.key)}); this one exits. "
-                    "If that process is gone, the lock is taken over after "
-                    f"{self.stale_after} s without a heartbeat"
-                )
-            log.warning("taking over the lock of a nightly that stopped: %s", holder)
-            self.storage.delete(self.key)
-            if not self.storage.put_if_absent(self.key, self._record()):
-                raise NightlyRunning(f"another nightly took the lock {self.key} just now")
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-        return self
-
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.storage.get_bytes(self.key))
-        except (ObjectNotFoundError, ValueError):
-            return None
-
-    def _stale(self, holder: dict) -> bool:
-        if time.time() - holder.get("heartbeat", 0) > self.stale_after:
-            return True
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
-        return False
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OrgantrainError):
-                self.storage.put_bytes(self.key, self._record())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        with contextlib.suppress(OrgantrainError):
-            self.storage.delete(self.key)
+def NightLock(storage: Storage, run_id: str, *, stale_after: float) -> StorageLock:
+    """`nightly/locks/<run_id>.json`: one nightly per night (see `storage.lock`)."""
+    return StorageLock(
+        storage, join_key("nightly", "locks", f"{run_id}.json"),
+        what=f"the nightly for {run_id}", stale_after=stale_after, error=NightlyRunning,
+    )  # fmt: skip
