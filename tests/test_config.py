@@ -117,3 +117,74 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
     path = write(tmp_path, "prepare: [unclosed\n")
     with pytest.raises(ConfigError, match=r"job.yaml: not valid YAML"):
         load_config(path)
+
+
+# --- Validation at load (issue #16 item 9) -------------------------------------------------
+
+
+def test_unknown_model_name_names_file_field_and_known_names(tmp_path):
+    path = write(tmp_path, "model:\n  name: simple_cn\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: model.name 'simple_cn' is not a known model")
+    assert "did you mean 'simple_cnn'?" in message
+    assert "known models: simple_cnn, vgg16, mobilenet_v2" in message
+
+
+def test_known_model_names_are_the_registry():
+    from organtrain.config import MODEL_NAMES
+    from organtrain.models import MODELS  # imports Keras: only here
+
+    assert set(MODEL_NAMES) == set(MODELS)
+
+
+def test_duplicate_keys_name_the_file_the_key_and_both_lines(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n  seed: 1\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: duplicate key 'epochs' (lines 2 and 4)")
+    path = write(tmp_path, "train:\n  epochs: 3\nmodel: {}\ntrain: {seed: 2}\n")
+    with pytest.raises(ConfigError, match=r"job.yaml: duplicate key 'train' \(lines 1 and 4\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"duplicate key 'train.epochs' \(line 1, columns 2 and"):
+        load_config(None, ["search.space={train.epochs: 2, train.epochs: 3}"])
+
+
+def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path):
+    """`<<: *anchor` then the same key again is YAML's way to override: not a duplicate."""
+    text = (
+        "search:\n  space: &shared {model.dropout: 0.1, train.epochs: 2}\n"
+        "  organ_space:\n    blood:\n      <<: *shared\n      model.dropout: 0.2\n"
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.search.organ_space["blood"] == {"model.dropout": 0.2, "train.epochs": 2}
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.filters=[8, 16", "search.space={model.name: {choice: [simple_cnn, vgg16]}"],
+)
+def test_malformed_set_value_names_the_argument_and_how_to_quote(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"--set {override!r}: the value is not valid YAML")
+    assert "quote the whole argument" in message
+
+
+def test_malformed_set_value_is_a_clear_cli_error_not_a_traceback(capsys):
+    from organtrain.cli import main
+
+    assert main(["status", "r", "--set", "model.filters=[8, 16"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("organtrain: error: --set 'model.filters=[8, 16'") and "Traceback" not in err
+    )
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.epochs=0"])
+    assert str(err.value).startswith(f"{path} with --set train.epochs=0: train.epochs must be")

@@ -149,7 +149,10 @@ def test_new_images_retrain_only_that_organ_and_a_killed_night_completes(lab):
 
     done = run_nightly(lab, night, epochs)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "taking over the lock of a nightly that stopped" in done.stderr
+    assert (
+        f"taking over the lock on the nightly for nightly-{night}: its holder stopped"
+        in done.stderr
+    )
     rows = night_rows(lab, night)
     assert rows["lung"]["trained"] is False and rows["lung"]["changed"] is False
     colon = rows["colon"]

@@ -64,6 +64,13 @@ def test_space_entries_become_tune_distributions_and_trial_configs():
          "search.space.train.epochs = 0: train.epochs must be at least 1"),
         ({"model.pooling": {"grid": ["max", "median"]}}, "pooling must be flatten, max or avg"),
         ({"train.learning_rate": {"uniform": [-1, 1]}}, "learning_rate must be positive"),
+        ({"model.name": {"choice": ["simple_cnn", "resnet9000"]}},
+         "search.space.model.name = 'resnet9000': model.name 'resnet9000' is not a known model"),
+        ({"model.name": "mobilenet"}, "is not a known model; did you mean 'mobilenet_v2'?"),
+        # uniform draws fractions: 1 and 5 are fine bounds, but a trial would get epochs=2.7
+        ({"train.epochs": {"uniform": [1, 5]}},
+         "search.space.train.epochs.uniform: train.epochs is an integer; use randint"),
+        ({"input.batch_size": {"loguniform": [8, 64]}}, "input.batch_size is an integer"),
     ],
 )  # fmt: skip
 def test_bad_space_entries_fail_at_load_naming_the_field(entries, message, tmp_path):
@@ -102,6 +109,21 @@ def test_pbt_needs_a_learning_rate_to_perturb():
         None, ["search.scheduler=pbt", *space({"train.learning_rate": {"uniform": [0.001, 0.01]}})]
     )
     assert cfg.search.scheduler == "pbt"
+
+
+def test_sweep_with_an_unknown_model_exits_2_before_starting_ray(tmp_path, capsys):
+    """It used to start Ray and fail every trial, and the sweep exited 0."""
+    from organtrain.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"storage: {{uri: {tmp_path / 'store'}}}\n"
+        "search:\n  space:\n    model.name: {choice: [simple_cnn, resnet9000]}\n"
+    )
+    assert main(["sweep", "--config", str(job), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{job}: search.space.model.name = 'resnet9000'" in err and "known models" in err
+    assert not (tmp_path / "store").exists()  # failed before touching storage or Ray
 
 
 def test_parse_dimension_keeps_lists_as_fixed_values():

@@ -174,6 +174,11 @@ class AugmentConfig:
         )
 
 
+# The names organtrain.models builds (a test checks they match its registry). Listed here
+# so that loading a config can reject a typo without importing Keras.
+MODEL_NAMES = ("simple_cnn", "vgg16", "mobilenet_v2")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to build, by registry name (see organtrain.models)."""
@@ -194,6 +199,7 @@ class ModelConfig:
     fine_tune_layers: int = 0  # unfreeze this many layers at the top of the pretrained base
 
     def __post_init__(self):
+        _require(self.name in MODEL_NAMES, "name", _unknown_model_message(self.name))
         _require(
             len(self.filters) >= 1 and min(self.filters) >= 1, "filters", "must list positive ints"
         )
@@ -203,6 +209,12 @@ class ModelConfig:
         )
         _require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         _require(self.fine_tune_layers >= 0, "fine_tune_layers", "must be >= 0")
+
+
+def _unknown_model_message(name: str) -> str:
+    guess = difflib.get_close_matches(name, MODEL_NAMES, n=1)
+    hint = f"did you mean {guess[0]!r}? " if guess else ""
+    return f"{name!r} is not a known model; {hint}known models: {', '.join(MODEL_NAMES)}"
 
 
 @dataclass(frozen=True)
@@ -363,6 +375,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     of the file, as launchers pass them: `prepare.test_fraction=0.2`.
     """
     source = str(path) if path is not None else "<defaults>"
+    if overrides:  # a bad value may come from either: name both
+        source += " with --set " + " --set ".join(overrides)
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml(Path(path))
@@ -381,7 +395,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is None:
@@ -391,17 +407,75 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice; PyYAML would silently keep the last value."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last one: with two
+    `epochs:` in a section, which one trains is an accident of where each was written."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor`, then a key again, is YAML's way to override
+                key = self.construct_object(key_node, deep=True)
+                if not _hashable(key):
+                    continue  # SafeLoader reports an unhashable key itself
+                if key in seen:
+                    raise DuplicateKeyError(
+                        f"duplicate key {key!r} ({_positions(seen[key], key_node.start_mark)}); "
+                        "YAML would silently keep only the last value: remove or merge one"
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _positions(first: yaml.Mark, second: yaml.Mark) -> str:
+    if first.line != second.line:
+        return f"lines {first.line + 1} and {second.line + 1}"
+    return f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
     dotted, sep, raw = override.partition("=")
     if not sep or not dotted.strip():
-        raise ConfigError(f"override {override!r}: write it as section.field=value")
+        raise ConfigError(f"--set {override!r}: write it as section.field=value")
     *parents, leaf = dotted.strip().split(".")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+            raise ConfigError(f"--set {override!r}: {part} is not a section")
+    node[leaf] = _override_value(override, raw)
+
+
+def _override_value(override: str, raw: str) -> Any:
+    """The value of `--set section.field=value`, parsed as YAML like the config file."""
+    try:
+        return yaml.load(raw, Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"--set {override!r}: {err}") from None
+    except yaml.YAMLError as err:
+        parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+        problem = ": ".join(str(p) for p in parts if p) or type(err).__name__
+        raise ConfigError(
+            f"--set {override!r}: the value is not valid YAML ({problem}). The value is read "
+            "as YAML, as in a config file: close every [ and {, and quote the whole argument "
+            "for your shell, e.g. --set 'search.space={model.name: {choice: [simple_cnn, "
+            "vgg16]}}'; a string with ': ' or ' #' in it also needs YAML quotes inside: "
+            "--set 'name=\"a: b\"'"
+        ) from None
 
 
 def from_dict(cls: type, data: Any, *, source: str, path: str = ""):

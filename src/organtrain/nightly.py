@@ -159,8 +159,9 @@ def _plan(cfg: RunConfig, storage: Storage, run_id: str, night: date, progress: 
     from organtrain.data.prepare import prepare
 
     source = open_storage(
-        cfg.prepare.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
-    )
+        cfg.prepare.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
+        setting="prepare.source",
+    )  # fmt: skip
     prepared = prepare(source, storage, cfg.prepare, progress=progress)
     index = load_dataset(storage, prepared.dataset, prepared.version)
     last = _last_nights(storage, run_id)

@@ -9,6 +9,10 @@ Everything a trial writes lives under `runs/<run_id>/<organ>/` in the run's stor
     result.json                                           written last: the trial is done
 
 The test split is opened once, after training, to evaluate the chosen model.
+
+One writer per run: `train` holds `locks/runs/<run_id>/<organ>.json` while it trains an
+organ (one SLURM job per organ of one run is fine); a sweep holds `locks/runs/<run_id>.json`
+and the lock of each of its organs. A second writer exits 3 naming the holder.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from organtrain.data.pipeline import build_dataset, shard_files
 from organtrain.errors import ConfigError, DataError
 from organtrain.models import build_model
 from organtrain.storage import Storage, join_key
+from organtrain.storage.lock import LockHeld, StorageLock
 from organtrain.strategy import make_strategy
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,34 @@ class TrainResult:
 
 def trial_prefix(run_id: str, organ: str) -> str:
     return join_key("runs", run_id, organ)
+
+
+# A lock's holder rewrites it every 30 s (storage.lock.HEARTBEAT_S); one not rewritten for
+# 10 minutes belongs to a process that died on another host (on this host, a dead
+# holder's lock is taken over at once).
+RUN_LOCK_STALE_S = 600
+
+
+class RunLocked(LockHeld):
+    """Another live `sweep` or `train` is writing this run id (exit code 3)."""
+
+
+def run_lock(storage: Storage, run_id: str) -> StorageLock:
+    """`locks/runs/<run_id>.json`, held by a sweep for its whole run. Outside `runs/`, so
+    the readers of a run (report, status) never see it."""
+    return StorageLock(
+        storage, join_key("locks", "runs", f"{run_id}.json"), what=f"run {run_id}",
+        stale_after=RUN_LOCK_STALE_S, error=RunLocked,
+    )  # fmt: skip
+
+
+def organ_lock(storage: Storage, run_id: str, organ: str) -> StorageLock:
+    """`locks/runs/<run_id>/<organ>.json`, held by whoever writes runs/<run_id>/<organ>/:
+    a `train` of that organ, or a sweep for each organ it searches."""
+    return StorageLock(
+        storage, join_key("locks", "runs", run_id, f"{organ}.json"),
+        what=f"{organ} of run {run_id}", stale_after=RUN_LOCK_STALE_S, error=RunLocked,
+    )  # fmt: skip
 
 
 # Fields that may change between a run and its resumption without changing what is trained:
@@ -103,7 +136,24 @@ def train_organ(
     expected_replicas: int | None = None,
     verbose: int = 2,
 ) -> TrainResult:
-    """Train, or resume training, `organ`'s model; evaluate it once on the test split."""
+    """Train, or resume training, `organ`'s model; evaluate it once on the test split.
+    Raises RunLocked while another process writes this organ of this run."""
+    with organ_lock(storage, run_id, organ):
+        return _train_organ(
+            cfg, storage, organ, run_id=run_id, expected_replicas=expected_replicas,
+            verbose=verbose,
+        )  # fmt: skip
+
+
+def _train_organ(
+    cfg: RunConfig,
+    storage: Storage,
+    organ: str,
+    *,
+    run_id: str,
+    expected_replicas: int | None,
+    verbose: int,
+) -> TrainResult:
     started = time.monotonic()
     prefix = trial_prefix(run_id, organ)
     settings = trial_settings(cfg)

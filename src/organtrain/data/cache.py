@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from organtrain.data.dataset import DatasetIndex, ShardEntry, dataset_prefix
+from organtrain.data.dataset import DatasetIndex, ShardEntry, dataset_prefix, repair_advice
 from organtrain.errors import ChecksumMismatchError
 from organtrain.storage import LocalStorage, Storage, join_key, sha256_file, verify_checksum
 
@@ -42,6 +42,11 @@ def local_shard(
     storage: Storage, index: DatasetIndex, shard: ShardEntry, cache_dir: str | None = None
 ) -> CachedShard:
     """A verified local copy of `shard`, downloading it at most once per node."""
+    with repair_advice(storage, index):  # a damaged shard's error says what to run
+        return _local_shard(storage, index, shard, cache_dir)
+
+
+def _local_shard(storage, index, shard, cache_dir) -> CachedShard:
     key = join_key(dataset_prefix(index.dataset, index.version), shard.key)
     if isinstance(storage, LocalStorage):
         # Already a local file: verify it where it is instead of copying it.

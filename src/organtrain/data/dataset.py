@@ -14,11 +14,13 @@ version is a hash of the inputs and settings, so unchanged input maps to the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from organtrain.errors import DataError, ObjectNotFoundError
+from organtrain.errors import ChecksumMismatchError, DataError, ObjectNotFoundError
 from organtrain.storage import Storage, join_key
 
 INDEX = "dataset.json"
@@ -129,5 +131,32 @@ def load_dataset(storage: Storage, name: str, version: str | None = None) -> Dat
 def fetch_shard(storage: Storage, index: DatasetIndex, shard: ShardEntry, path: str | Path) -> Path:
     """Download one shard to `path`, verified against the sha256 recorded in the index."""
     key = join_key(dataset_prefix(index.dataset, index.version), shard.key)
-    storage.download(key, path, sha256=shard.sha256)
+    with repair_advice(storage, index):
+        storage.download(key, path, sha256=shard.sha256)
     return Path(path)
+
+
+def repair_command(storage: Storage, index: DatasetIndex) -> str:
+    """The command that rewrites a version's missing or damaged shards from its source."""
+    return (
+        f"organtrain prepare {index.source} --dest {storage.uri} --dataset {index.dataset} "
+        f"--version {index.version} --repair"
+    )
+
+
+@contextlib.contextmanager
+def repair_advice(storage: Storage, index: DatasetIndex) -> Iterator[None]:
+    """Re-raise a shard's checksum mismatch with the command that repairs it: deleting the
+    shard and re-running plain `prepare` would not, since the version exists already."""
+    try:
+        yield
+    except ChecksumMismatchError as err:
+        if not hasattr(err, "expected"):
+            raise
+        raise ChecksumMismatchError(
+            f"checksum mismatch for {err.url}: expected sha256 {err.expected[:16]}…, got "
+            f"{err.actual[:16]}…. The shard of dataset {index.dataset} version {index.version} "
+            "was damaged or changed after it was written; rewrite it from the source images "
+            f"with `{repair_command(storage, index)}` (plus the original prepare's --config, "
+            "for its storage settings)"
+        ) from None

@@ -83,4 +83,10 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def read_parquet(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+    # Decode from an Arrow-owned copy, not from the Python bytes: pyarrow's thread-pool
+    # tasks can drop their last reference to the input after read_table has returned, and
+    # releasing a Python buffer needs the GIL; at interpreter exit that killed the process
+    # ("terminate called without an active exception", exit 134; tests/test_status.py).
+    copy = pa.BufferOutputStream()
+    copy.write(data)
+    return pq.read_table(pa.BufferReader(copy.getvalue()))

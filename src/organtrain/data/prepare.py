@@ -6,14 +6,25 @@ Stages, each safe to interrupt:
 3. decode every image once, with its near-duplicate signature (bad files go to
    rejected.parquet);
 4. group and split (assign.py): groups, copies and near-duplicates share a split;
-5. name the version by hashing inputs, splits and settings; if it exists, stop;
+5. name the version by hashing inputs, splits and settings; if it exists, check that its
+   shards are all there and rewrite any that are not (from the source), then stop;
 6. write shards (skipping any already published with the same sha256) and the tables,
    check for leakage independently (leakage.py) and refuse to publish a leak, then write
-   dataset.json — the step that makes the version visible — then LATEST.json.
+   dataset.json — the step that makes the version visible — then LATEST.json. A failure
+   before dataset.json (a full disk) deletes what this run wrote; a killed run leaves its
+   shards for the next run to reuse.
+
+The whole run holds the dataset's lock (`datasets/<name>/prepare.lock`): a second
+`prepare` of the same dataset, on this machine or another, exits 3 naming the holder.
+`repair` (`organtrain prepare --repair`) re-verifies a published version's shards and
+rewrites the damaged ones from the source; shard bytes are deterministic, so a rewritten
+shard must match the checksum recorded when the version was published.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -22,7 +33,7 @@ import os
 import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +66,30 @@ from organtrain.data.manifest import (
 )
 from organtrain.data.scan import Candidate, Rejection, scan_tree
 from organtrain.data.shards import ShardRecord, plan_shards, shard_key, write_shard
-from organtrain.errors import DataError, ObjectNotFoundError
-from organtrain.storage import Storage, join_key, sha256_bytes, sha256_file
+from organtrain.errors import ChecksumMismatchError, DataError, ObjectNotFoundError
+from organtrain.storage import LocalStorage, Storage, join_key, sha256_bytes, sha256_file
+from organtrain.storage.lock import LockHeld, StorageLock
 
 log = logging.getLogger(__name__)
+
+LOCK = "prepare.lock"  # under datasets/<name>/, beside LATEST.json
+# A holder refreshes its lock every 30 s; one silent this long has died (another host).
+LOCK_STALE_AFTER_S = 600
+
+
+class DatasetLocked(LockHeld):
+    """Another `prepare` of this dataset is running; exit code 3 ("not now")."""
+
+
+def dataset_lock(dest: Storage, dataset: str) -> StorageLock:
+    """One writer per dataset: `prepare`, `prepare --repair` and the nightly's prepare."""
+    return StorageLock(
+        dest,
+        join_key(dataset_prefix(dataset), LOCK),
+        what=f"dataset {dataset} in {dest.uri}",
+        stale_after=LOCK_STALE_AFTER_S,
+        error=DatasetLocked,
+    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,18 @@ class PrepareResult:
     organs: dict[str, list[str]]
     excluded: list[dict]
     split_changes: dict | None = None  # set when images changed split since the last version
+    # Shards of an existing version that were missing (or of the wrong size) and were
+    # rewritten from the source by this run.
+    repaired: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    dataset: str
+    version: str
+    uri: str
+    shards: int  # verified
+    rewritten: list[str]  # shard keys rewritten from the source
 
 
 @dataclass(frozen=True)
@@ -91,6 +134,11 @@ def prepare(
     # Touch the destination first: a missing bucket or bad credentials should fail now,
     # not after every image has been decoded.
     next(iter(dest.list(dataset_prefix(cfg.dataset))), None)
+    with dataset_lock(dest, cfg.dataset):
+        return _prepare_locked(source, dest, cfg, progress)
+
+
+def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress: bool):
     candidates, rejected = _list_source(source, cfg)
     previous = _previous_splits(dest, cfg)
     with tempfile.TemporaryDirectory(prefix="organtrain-prepare-") as spool:
@@ -139,16 +187,26 @@ def prepare(
                 changes,
             )
         else:
-            log.info(
-                "dataset %s version %s is already prepared; nothing new written",
-                cfg.dataset,
-                version,
-            )
+            repaired = _repair_missing_shards(source, dest, cfg.dataset, version, Path(spool))
+            result = dataclasses.replace(result, repaired=repaired)
+            if not repaired:
+                log.info(
+                    "dataset %s version %s is already prepared; nothing new written",
+                    cfg.dataset,
+                    version,
+                )
     _point_latest(dest, cfg.dataset, result)
     return result
 
 
 def _list_source(source: Storage, cfg: PrepareConfig):
+    if isinstance(source, LocalStorage) and not source.root.is_dir():
+        what = "is not a folder" if source.root.exists() else "does not exist"
+        raise DataError(
+            f"the source folder {source.uri} {what}: set prepare.source (or the SOURCE "
+            "argument of `organtrain prepare`) to the folder that holds "
+            "<organ>/<diagnosis>/<image>"
+        )
     candidates, rejected = scan_tree(source)
     if not candidates:
         raise DataError(
@@ -316,10 +374,36 @@ def _settings(cfg: PrepareConfig) -> dict:
 def _publish(
     out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes
 ) -> None:
-    shard_of, shards = _write_shards(out, assignment, cfg, spool, progress)
+    written: list[str] = []  # keys this run wrote, none of them published yet
+    try:
+        _write_version(out, assignment, rejected, cfg, version, source, spool, progress,
+                       changes, written)  # fmt: skip
+    except Exception:
+        # A full disk, a refused upload, a leak: what this run wrote belongs to no
+        # published version (dataset.json comes last), so it goes, and frees its space.
+        # Not on KeyboardInterrupt or a kill: the next run reuses the shards (same bytes).
+        _remove_unpublished(out, written)
+        raise
+
+
+def _remove_unpublished(out: Storage, written: list[str]) -> None:
+    for key in written:
+        with contextlib.suppress(Exception):  # clean-up must not hide the first error
+            out.delete(key)
+    if written:
+        log.warning("removed the %d unpublished object(s) this run wrote under %s",
+                    len(written), out.uri)  # fmt: skip
+
+
+def _write_version(
+    out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes, written
+) -> None:
+    shard_of, shards = _write_shards(out, assignment, cfg, spool, progress, written)
     rows = [_manifest_row(r, shard_of) for r in assignment.rows]
     leakage = _check_before_publishing(rows, cfg, out)
+    written.append(MANIFEST)
     out.put_bytes(MANIFEST, parquet_bytes(manifest_table(rows)))
+    written.append(REJECTED)
     out.put_bytes(REJECTED, parquet_bytes(rejected_table(rejected)))
     index = DatasetIndex(
         dataset=cfg.dataset,
@@ -373,8 +457,9 @@ def _check_before_publishing(rows: list[ImageRow], cfg, out: Storage) -> Leakage
     return report
 
 
-def _write_shards(out: Storage, assignment, cfg, spool: Path, progress: bool):
-    """One group of shards per organ and split, holding each distinct image once."""
+def _write_shards(out: Storage, assignment, cfg, spool: Path, progress: bool, written: list):
+    """One group of shards per organ and split, holding each distinct image once; the keys
+    of the shards it uploads are added to `written`."""
     groups: dict[tuple[str, str], list[Assigned]] = defaultdict(list)
     for row in assignment.rows:
         if row.duplicate_of is None:
@@ -395,18 +480,20 @@ def _write_shards(out: Storage, assignment, cfg, spool: Path, progress: bool):
             digest = sha256_file(tmp.name)
             if out.checksum(key) != digest:  # else published by an interrupted earlier run
                 out.put_file(key, tmp.name)
+                written.append(key)
             return ShardEntry(key, organ, split, n, os.path.getsize(tmp.name), digest)
 
     with ThreadPoolExecutor(min(cfg.workers, 4)) as pool:
-        shards = list(
-            tqdm(
-                pool.map(write, jobs),
-                total=len(jobs),
-                desc="writing shards",
-                unit="shard",
-                disable=not progress,
-            )
-        )
+        futures = [pool.submit(write, job) for job in jobs]
+        try:
+            shards = [
+                f.result()
+                for f in tqdm(futures, desc="writing shards", unit="shard", disable=not progress)
+            ]
+        except BaseException:
+            for f in futures:  # a full disk fails every shard after it: do not start them
+                f.cancel()
+            raise
     shard_of = {
         (r.image.organ, r.image.sha256): key for key, _, _, members in jobs for r in members
     }
@@ -463,3 +550,150 @@ def _point_latest(dest: Storage, dataset: str, result: PrepareResult) -> None:
     if current is None or json.loads(current).get("version") != result.version:
         dest.put_bytes(key, json.dumps(pointer, indent=2).encode())
         log.info("%s now points at version %s", dest.url(key), result.version)
+
+
+def _repair_missing_shards(
+    source: Storage, dest: Storage, dataset: str, version: str, spool: Path
+) -> list[str]:
+    """An existing version's shards that are missing or of the wrong size (one listing,
+    no download), rewritten from the source. A flipped byte needs `--repair`, which reads
+    every shard."""
+    index = load_dataset(dest, dataset, version)
+    prefix = dataset_prefix(dataset, version)
+    sizes = {info.key: info.size for info in dest.list(join_key(prefix, "shards"))}
+    damaged = [s for s in index.shards if sizes.get(join_key(prefix, s.key)) != s.bytes]
+    if not damaged:
+        return []
+    log.warning(
+        "dataset %s version %s is published but %d of its shards are missing or of the wrong "
+        "size (e.g. %s); rewriting them from the source",
+        dataset, version, len(damaged), damaged[0].key,
+    )  # fmt: skip
+    return _rebuild_shards(source, dest, index, damaged, spool)
+
+
+def repair(
+    source: Storage,
+    dest: Storage,
+    cfg: PrepareConfig,
+    *,
+    version: str | None = None,
+    progress: bool = True,
+) -> RepairResult:
+    """`organtrain prepare --repair`: verify every shard of a published version (the latest
+    unless named) against the checksum in its index, and rewrite each missing or damaged
+    one from the source images recorded in its manifest, with the version's own settings."""
+    next(iter(dest.list(dataset_prefix(cfg.dataset))), None)
+    with dataset_lock(dest, cfg.dataset):
+        index = load_dataset(dest, cfg.dataset, version)
+        with tempfile.TemporaryDirectory(prefix="organtrain-repair-") as spool:
+            damaged = _damaged_shards(dest, index, Path(spool), progress)
+            rewritten = _rebuild_shards(source, dest, index, damaged, Path(spool))
+    prefix = dataset_prefix(index.dataset, index.version)
+    return RepairResult(index.dataset, index.version, dest.url(prefix), len(index.shards),
+                        rewritten)  # fmt: skip
+
+
+def _damaged_shards(dest: Storage, index: DatasetIndex, spool: Path, progress: bool):
+    """The shards that are missing or whose bytes do not match the index (each read once)."""
+    prefix = dataset_prefix(index.dataset, index.version)
+    damaged = []
+    for shard in tqdm(index.shards, desc="verifying shards", unit="shard", disable=not progress):
+        copy = spool / "verify.tfrecord"
+        try:
+            dest.download(join_key(prefix, shard.key), copy, sha256=shard.sha256)
+        except (ChecksumMismatchError, ObjectNotFoundError) as err:
+            log.warning("shard %s: %s", shard.key, err)
+            damaged.append(shard)
+        finally:
+            copy.unlink(missing_ok=True)
+    return damaged
+
+
+class _Unrebuildable(Exception):
+    """A shard's images cannot be read from the source as they were."""
+
+
+def _rebuild_shards(
+    source: Storage, dest: Storage, index: DatasetIndex, damaged: list[ShardEntry], spool: Path
+) -> list[str]:
+    """Rewrite `damaged` shards from the source, each checked against its recorded sha256
+    before it is published; DataError naming what could not be rebuilt."""
+    if not damaged:
+        return []
+    prefix = dataset_prefix(index.dataset, index.version)
+    try:
+        manifest = read_parquet(dest.get_bytes(join_key(prefix, MANIFEST))).to_pylist()
+    except ObjectNotFoundError:
+        raise DataError(
+            f"{dest.url(join_key(prefix, MANIFEST))} is missing, so the shards of version "
+            f"{index.version} cannot be rebuilt; delete {dest.url(join_key(prefix, INDEX))} "
+            "and run `organtrain prepare` again to rewrite the whole version"
+        ) from None
+    # Identical files share a record: any of them can stand in for the one recorded.
+    copies: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for row in sorted(manifest, key=lambda r: r["duplicate_of"] is not None):
+        copies[(row["organ"], row["sha256"])].append(row["key"])
+    rewritten, problems = [], []
+    for shard in damaged:
+        members = sorted(
+            (r for r in manifest if r["shard"] == shard.key and r["duplicate_of"] is None),
+            key=lambda r: r["sha256"],
+        )
+        rebuilt = spool / "rebuilt.tfrecord"
+        try:
+            write_shard(rebuilt, (_source_record(source, r, copies, index) for r in members))
+        except _Unrebuildable as err:
+            problems.append(f"{shard.key}: {err}")
+            continue
+        if sha256_file(rebuilt) != shard.sha256:
+            problems.append(
+                f"{shard.key}: rebuilt from the unchanged source files, its bytes still differ "
+                "from the recorded ones (another organtrain, Pillow or TensorFlow version?)"
+            )
+            continue
+        dest.put_file(join_key(prefix, shard.key), rebuilt)
+        rewritten.append(shard.key)
+        log.info("rewrote %s from the source", dest.url(join_key(prefix, shard.key)))
+    if problems:
+        raise DataError(
+            f"cannot repair dataset {index.dataset} version {index.version} "
+            f"({len(rewritten)} shard(s) rewritten, {len(problems)} not): "
+            + "; ".join(problems)
+            + ". The version cannot be rebuilt byte for byte; run `organtrain prepare` "
+            "without --repair to prepare a new version from the source as it is now"
+        )
+    return rewritten
+
+
+def _source_record(source: Storage, row: dict, copies: dict, index: DatasetIndex):
+    """The shard record of a manifest row, re-made from its source file."""
+    for key in copies[(row["organ"], row["sha256"])]:
+        try:
+            data = source.get_bytes(key)
+        except ObjectNotFoundError:
+            continue
+        if sha256_bytes(data) == row["sha256"]:
+            break
+    else:
+        raise _Unrebuildable(
+            f"the source file {row['key']} under {source.uri} is missing or has changed since "
+            f"version {index.version} was prepared"
+        )
+    settings = index.settings
+    image = normalise_image(
+        data,
+        max_side=settings["max_image_side"],
+        encoding=settings["encoding"],
+        jpeg_quality=settings.get("jpeg_quality", 95),
+    )
+    return ShardRecord(
+        encoded=image.encoded,
+        image_format=settings["encoding"],
+        height=image.encoded_height,
+        width=image.encoded_width,
+        label=row["label"],
+        diagnosis=row["diagnosis"],
+        sha256=row["sha256"],
+        source_key=row["key"],
+    )

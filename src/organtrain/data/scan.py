@@ -43,17 +43,56 @@ class Rejection:
 def scan_tree(source: Storage) -> tuple[list[Candidate], list[Rejection]]:
     """Every file under `source`, sorted by key, as a candidate image or a rejection.
 
-    Hidden files and folders (.DS_Store, .git, ...) are skipped silently; anything else
-    that is not an image at <organ>/<diagnosis>/<file> is rejected with its reason.
+    Only regular files are read. Symbolic links are followed while they stay inside the
+    source (the same file twice is handled as identical files); links out of it or in a
+    loop, FIFOs, sockets and devices are rejected with their reason (storage/local.py).
+    Hidden image files (`.name.png`) are rejected as `hidden`, saying how to include them;
+    other hidden files and everything in hidden folders (.DS_Store, `._name` AppleDouble
+    files, .git, .Trash, .snapshot) are skipped silently: not data, and often copies.
     """
+    objects, skipped = source.list_checked()
     candidates, rejected = [], []
-    for info in source.list():
+    for info in objects:
         parts = info.key.split("/")
-        if any(part.startswith(".") for part in parts):
+        if _is_hidden(parts):
+            if _is_hidden_image(parts):
+                rejected.append(_hidden_rejection(info.key, parts))
             continue
         outcome = _classify(info.key, parts, info.size)
         (candidates if isinstance(outcome, Candidate) else rejected).append(outcome)
-    return candidates, rejected
+    for entry in skipped:
+        parts = entry.key.split("/")
+        if not _is_hidden(parts):
+            organ, diagnosis = (parts[0], parts[1]) if len(parts) in (3, 4) else (None, None)
+            rejected.append(Rejection(entry.key, entry.reason, entry.detail, organ, diagnosis))
+    return candidates, sorted(rejected, key=lambda r: r.key)
+
+
+def _is_hidden(parts: list[str]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def _is_hidden_image(parts: list[str]) -> bool:
+    """An image file whose own name starts with a dot (not one in a hidden folder, nor a
+    macOS `._name` resource fork, which only looks like one)."""
+    name = parts[-1]
+    return (
+        not _is_hidden(parts[:-1])
+        and not name.startswith("._")
+        and name.lower().endswith(SUPPORTED_EXTENSIONS)
+    )
+
+
+def _hidden_rejection(key: str, parts: list[str]) -> Rejection:
+    organ, diagnosis = (parts[0], parts[1]) if len(parts) in (3, 4) else (None, None)
+    return Rejection(
+        key,
+        "hidden",
+        "a hidden file (its name starts with a dot), so it is left out; rename it without "
+        "the leading dot to include it",
+        organ,
+        diagnosis,
+    )
 
 
 def _classify(key: str, parts: list[str], size: int) -> Candidate | Rejection:

@@ -32,7 +32,12 @@ from organtrain.train import finish, trial_prefix
 
 
 class OrganFailed(OrgantrainError):
-    """Every trial of an organ failed: nothing to evaluate."""
+    """No trial of an organ finished with a usable metric: nothing to evaluate. `counts`
+    (trials, trials_stopped_early, trials_errored) go into the organ's summary row."""
+
+    def __init__(self, message: str, counts: dict | None = None):
+        super().__init__(message)
+        self.counts = counts or {}
 
 
 def tune_experiment(job: SweepJob, organ: str):
@@ -46,6 +51,7 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     # Tune saves its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S seconds;
     # a driver killed between saves would redo the epochs since. The state is small.
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "2"
+    _keep_credentials_out_of_trial_runtime_env()
     cfg, search = job.cfg, job.cfg.search
     started = time.monotonic()
     trainable = tune.with_resources(
@@ -114,14 +120,9 @@ def search_organ(job: SweepJob, organ: str) -> dict:
         "trials_stopped_early": sum(r["stop_reason"] in ("patience", "scheduler") for r in rows),
         "trials_errored": sum(r["status"] == "error" for r in rows),
     }
-    scored = [r for r in rows if math.isfinite(r["best_value"])]
-    if not scored:
-        errors = sorted({r["error"] for r in rows if r["error"]})
-        raise OrganFailed(
-            f"{organ}: all {len(rows)} trials failed; first error: {errors[0] if errors else '?'}"
-            f" (each trial's log: {experiment}/<trial>/)"
-        )
-    best = grid.get_best_result(search.metric, search.mode, scope="all", filter_nan_and_inf=True)
+    best = choose_trial(grid, search.metric, search.mode)
+    if best is None:
+        raise OrganFailed(failure_message(organ, rows, search.metric, experiment), counts)
     chosen = {
         "trial_id": best.metrics.get("trial_id"),
         "trial_config": best.config,
@@ -140,6 +141,26 @@ def search_organ(job: SweepJob, organ: str) -> dict:
         )
     )  # fmt: skip
     return summary_row(job, organ, result, seconds=time.monotonic() - started)
+
+
+# The variables Ray Tune would copy into each trial's runtime_env.
+_CREDENTIAL_VARS = {
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+}  # fmt: skip
+
+
+def _keep_credentials_out_of_trial_runtime_env() -> None:
+    """Ray Tune copies the AWS credential variables of the process that drives it (this
+    task) into every trial actor's runtime_env (ray.tune.execution.class_cache), and
+    Ray's runtime_env agent writes each runtime_env into its log, readable by anyone on
+    the node. Trials need no such copy: a Ray started by organtrain passes its
+    environment on to them, and on a cluster each node has its own identity. (The
+    credentials test fails if a Ray upgrade brings the copy back another way.)"""
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(propagated, set):
+        propagated.difference_update(_CREDENTIAL_VARS)
 
 
 def organ_trainable(job: SweepJob, organ: str):
@@ -169,8 +190,41 @@ def prune_checkpoints(grid, metric: str, mode: str) -> None:
                     checkpoint.filesystem.delete_dir(checkpoint.path)
 
 
+def choose_trial(grid, metric: str, mode: str):
+    """The finished trial with the best value of `metric` over its epochs, or None.
+
+    A trial that errored (an exception, a killed or lost worker) is never chosen, however
+    good its last reported epoch: it stopped half-trained, and its checkpoint may be one
+    the failure interrupted."""
+    finished = [r for r in grid if r.error is None and math.isfinite(_best_value(r, metric, mode))]
+    if not finished:
+        return None
+    pick = min if mode == "min" else max
+    return pick(finished, key=lambda r: _best_value(r, metric, mode))
+
+
+def failure_message(organ: str, rows: list[dict], metric: str, experiment: str) -> str:
+    """Why an organ has no trial to evaluate: its trials' errors, each once, counted."""
+    errored = [r for r in rows if r["status"] == "error"]
+    errors: dict[str, int] = {}
+    for row in errored:
+        text = (row["error"] or "unknown error")[:300]
+        errors[text] = errors.get(text, 0) + 1
+    reasons = "; ".join(f"{n}x {text}" if n > 1 else text for text, n in errors.items())
+    what = f"{len(errored)} of {len(rows)} trial(s) failed" + (f" ({reasons})" if reasons else "")
+    unscored = len(rows) - len(errored)
+    if unscored:
+        what += f"; {unscored} finished without a finite {metric}"
+    return f"{organ}: no trial finished: {what}. Each trial's log: {experiment}/<trial>/"
+
+
 def _best_value(result, metric: str, mode: str) -> float:
-    values = result.metrics_dataframe[metric].dropna()
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame:
+        return math.nan
+    values = frame[metric].replace([math.inf, -math.inf], math.nan).dropna()
+    if values.empty:
+        return math.nan
     return float(values.min() if mode == "min" else values.max())
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ class Dimension:
         """Values that, if valid, make every value the dimension can take valid."""
         if self.kind == "randint":
             return (self.values[0], self.values[1] - 1)
+        if self.kind in ("uniform", "loguniform"):
+            return tuple(float(v) for v in self.values)  # Tune draws floats, even from [1, 5]
         return self.values
 
     def to_tune(self):
@@ -150,11 +153,24 @@ def _check_entries(cfg: RunConfig, source: str) -> None:
                     f"{source}: {where}.{key}: {section} has no field {name!r}; {hint}"
                     f"its fields: {', '.join(fields)}"
                 )
+            _check_draws_fit_the_type(cfg, dim, f"{source}: {where}.{key}.{dim.kind}")
             for value in dim.extremes():
                 try:
                     trial_config(cfg, {dim.field: value}, source=f"{where}.{key} = {value!r}")
                 except ConfigError as err:
                     raise ConfigError(f"{source}: {err}") from None
+
+
+def _check_draws_fit_the_type(cfg: RunConfig, dim: Dimension, where: str) -> None:
+    """uniform and loguniform draw fractions: an integer field would fail in each trial."""
+    section, _, name = dim.field.partition(".")
+    hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
+    if dim.kind in ("uniform", "loguniform") and int in (hint, *typing.get_args(hint)):
+        low, high = int(dim.values[0]), int(dim.values[1])
+        raise ConfigError(
+            f"{where}: {dim.field} is an integer; use randint (e.g. randint: [{low}, {high + 1}] "
+            f"for {low}..{high}: high is excluded) or choice ({dim.kind} draws fractions)"
+        )
 
 
 def pbt_mutations(space: dict[str, Dimension]) -> dict[str, Any]:

@@ -28,7 +28,14 @@ from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import ConfigError, OrgantrainError
 from organtrain.search.trial import SweepJob, expected_replicas, progress_key
 from organtrain.storage import Storage, join_key, open_storage
-from organtrain.train import RESULT, require_same_settings, trial_prefix, trial_settings
+from organtrain.train import (
+    RESULT,
+    organ_lock,
+    require_same_settings,
+    run_lock,
+    trial_prefix,
+    trial_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +45,13 @@ SUMMARY = "summary.parquet"
 # Search settings that may change when a sweep is resumed: they change how it runs, not
 # what it finds.
 _RESUMABLE_SEARCH_FIELDS = {"max_concurrent_trials", "max_failures"}
-# Passed from the driver to a Ray this command starts, so trials read the same storage
-# with the same credentials as the driver.
+# Passed from the driver to the Ray it uses, so trials find the same storage. Nothing
+# secret: Ray writes the runtime_env into its logs and its state. Credentials come from
+# the standard chain where the trial runs: a Ray started here inherits this process's
+# environment (AWS_ACCESS_KEY_ID, ...) anyway; on a cluster each node uses its own
+# identity (instance or pod role, its own profile).
 _FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "ORGANTRAIN_CACHE_DIR",
+    "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "ORGANTRAIN_CACHE_DIR",
 )  # fmt: skip
 
 
@@ -69,13 +78,26 @@ def sweep(
     report: bool = True,
 ) -> SweepOutcome:
     """Search every organ of `cfg.search.organs` (None: all) on `dataset_version` (None:
-    the latest; a resumed run keeps the version it started with)."""
+    the latest; a resumed run keeps the version it started with).
+
+    Raises RunLocked (exit 3) while another sweep of `run_id`, or a `train` of one of its
+    organs, is running: the run and each of its organs have one writer. The nightly calls
+    this under its own lock (nightly/locks/), a different key: no deadlock."""
     run_id = run_id or cfg.name
     cfg = _absolute_paths(cfg)
     storage = open_storage(
         cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region
     )
-    plan = _plan(cfg, storage, run_id, dataset_version)
+    with run_lock(storage, run_id), contextlib.ExitStack() as organ_locks:
+        plan = _plan(cfg, storage, run_id, dataset_version)
+        for organ in plan["organs"]:
+            organ_locks.enter_context(organ_lock(storage, run_id, organ))
+        return _sweep_planned(cfg, storage, run_id, plan, address, progress, report)
+
+
+def _sweep_planned(
+    cfg: RunConfig, storage: Storage, run_id: str, plan: dict, address, progress, report
+) -> SweepOutcome:
     job = SweepJob(cfg, run_id, plan["dataset_version"], expected_replicas(cfg))
     organs = plan["organs"]
     rows: dict[str, dict] = {}
@@ -189,6 +211,8 @@ def _stop_signals_interrupt() -> dict:
 
 def _failed_row(job: SweepJob, organ: str, err: Exception) -> dict:
     cause = getattr(err, "cause", None)
+    counts = getattr(cause, "counts", None)  # an OrganFailed's trial counts
+    counts = counts if isinstance(counts, dict) else {}
     if isinstance(cause, OrgantrainError):
         message = str(cause)
     else:
@@ -200,7 +224,8 @@ def _failed_row(job: SweepJob, organ: str, err: Exception) -> dict:
         "trial_id": None, "trial_config": None, "metric": job.cfg.search.metric,
         "val_value": math.nan, "test_accuracy": math.nan, "test_macro_f1": math.nan,
         "test_macro_roc_auc": math.nan, "test_images": 0, "trials": 0,
-        "trials_stopped_early": 0, "trials_errored": 0, "seconds": 0.0, "error": message,
+        "trials_stopped_early": 0, "trials_errored": 0, **counts, "seconds": 0.0,
+        "error": message,
     }  # fmt: skip
 
 
@@ -392,8 +417,9 @@ class _Watcher:
                 "state": organ_state,
                 "trials": trials,
                 "stopped_early": p.get("stopped_early", row["trials_stopped_early"] if row else 0),
-                "best": p.get("best", row["val_value"] if row else None),
-                "best_trial": p.get("best_trial", row["trial_id"] if row else None),
+                # Once the organ is over, its row: a trial that failed is never its best.
+                "best": row["val_value"] if row else p.get("best"),
+                "best_trial": row["trial_id"] if row else p.get("best_trial"),
                 "error": row["error"] if row else None,
                 "test_accuracy": row["test_accuracy"] if row and row["state"] == "done" else None,
             }

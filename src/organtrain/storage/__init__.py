@@ -32,13 +32,18 @@ __all__ = [
 
 
 def open_storage(
-    uri: str | Path, *, endpoint_url: str | None = None, region: str | None = None
+    uri: str | Path,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    setting: str = "storage.uri",
 ) -> Storage:
-    """Storage for `uri`: `s3://bucket/prefix`, `file:///path` or a plain local path."""
+    """Storage for `uri`: `s3://bucket/prefix`, `file:///path` or a plain local path.
+    `setting` is the config field `uri` came from, named when its bucket is missing."""
     text = str(uri)
     if text.startswith("s3://"):
         bucket, prefix = parse_s3_uri(text)
-        return S3Storage(bucket, prefix, endpoint_url=endpoint_url, region=region)
+        return S3Storage(bucket, prefix, endpoint_url=endpoint_url, region=region, setting=setting)
     if text.startswith("file://"):
         text = text[len("file://") :]
     elif "://" in text:

@@ -38,13 +38,28 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_checksum(url: str, expected: str | None, actual: str) -> None:
+@dataclass(frozen=True)
+class SkippedEntry:
+    """Something in a local tree that is not listed as an object, and why: a symbolic
+    link out of the tree or in a loop, a FIFO, socket or device, an unreadable folder."""
+
+    key: str
+    reason: str  # a code: symlink_loop, symlink_outside_source, broken_symlink, ...
+    detail: str  # a sentence for people, saying what to do
+
+
+def verify_checksum(url: str, expected: str | None, actual: str, *, advice: str = "") -> None:
+    """Raise ChecksumMismatchError when `actual` is not `expected`. `advice` says what to
+    run to repair this kind of object; the error keeps url/expected/actual as attributes
+    so a caller that knows more (a dataset's shard readers) can rephrase it."""
     if expected is not None and expected != actual:
-        raise ChecksumMismatchError(
+        error = ChecksumMismatchError(
             f"checksum mismatch for {url}: expected sha256 {expected[:16]}…, got {actual[:16]}…. "
-            "The object was corrupted or changed after it was written; delete it and re-run "
-            "the step that wrote it (for shards: `organtrain prepare`)."
+            "The object was corrupted or changed after it was written; "
+            + (advice or "delete it and re-run the command that wrote it.")
         )
+        error.url, error.expected, error.actual = url, expected, actual
+        raise error
 
 
 class Storage(ABC):
@@ -86,6 +101,12 @@ class Storage(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object under `prefix`, recursively, sorted by key."""
+
+    def list_checked(self, prefix: str = "") -> tuple[list[ObjectInfo], list[SkippedEntry]]:
+        """`list`, plus what a tree holds that must not be read as an object (symbolic
+        links out of it or in a loop, FIFOs, devices), for reporting. An object store
+        holds objects only."""
+        return list(self.list(prefix)), []
 
     @abstractmethod
     def delete(self, key: str) -> None:

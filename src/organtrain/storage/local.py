@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from organtrain.errors import ObjectNotFoundError, StorageError
 from organtrain.storage.base import (
     ObjectInfo,
+    SkippedEntry,
     Storage,
     sha256_bytes,
     sha256_file,
@@ -19,6 +22,8 @@ from organtrain.storage.base import (
 from organtrain.storage.keys import validate_key
 
 TMP_MARK = ".tmp-"  # partial files carry this in their name and never show in listings
+_SPECIAL_KINDS = {stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFSOCK: "socket",
+                  stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}  # fmt: skip
 
 
 class LocalStorage(Storage):
@@ -65,7 +70,7 @@ class LocalStorage(Storage):
         target = self.path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}")
+            fd, tmp = _new_temp_file(target)
             try:
                 with os.fdopen(fd, "wb") as f:
                     write(f)
@@ -86,7 +91,7 @@ class LocalStorage(Storage):
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
         path = self.path(key)
         try:
-            data = path.read_bytes()
+            data = _read_regular_file(path)
         except FileNotFoundError:
             raise ObjectNotFoundError(f"{path} does not exist") from None
         except OSError as err:
@@ -117,17 +122,129 @@ class LocalStorage(Storage):
         return ObjectInfo(key=key, size=st.st_size, version_tag=str(st.st_mtime_ns))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = self.path(prefix) if prefix else self.root
-        found = []
-        for dirpath, _dirnames, filenames in os.walk(base):
-            for name in filenames:
-                if TMP_MARK in name:
-                    continue
-                path = Path(dirpath, name)
-                st = path.stat()
-                key = path.relative_to(self.root).as_posix()
-                found.append(ObjectInfo(key=key, size=st.st_size, version_tag=str(st.st_mtime_ns)))
+        """Regular files under `prefix`, following symbolic links (a storage folder may
+        link to another disk) but never round a loop; FIFOs, sockets and devices are left
+        out, so no reader can block on one."""
+        found = [e for e in self._walk(prefix, confined=False) if isinstance(e, ObjectInfo)]
         yield from sorted(found, key=lambda info: info.key)
+
+    def list_checked(self, prefix: str = "") -> tuple[list[ObjectInfo], list[SkippedEntry]]:
+        """For reading a source tree: symbolic links are followed only while they stay
+        inside the root (a link to /etc/hostname or to another lab's folder is not data of
+        this tree), and everything not listed is named with its reason."""
+        objects, skipped = [], []
+        for entry in self._walk(prefix, confined=True):
+            (objects if isinstance(entry, ObjectInfo) else skipped).append(entry)
+        return sorted(objects, key=lambda o: o.key), sorted(skipped, key=lambda s: s.key)
+
+    def _walk(self, prefix: str, *, confined: bool) -> Iterator[ObjectInfo | SkippedEntry]:
+        base = self.path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        root_real = os.path.realpath(self.root)
+        # The folders above the one being read, by (device, inode): a link to one of them
+        # is a loop, however it is spelt.
+        above = frozenset(
+            _identity(p) for p in (base, *base.parents) if p.is_relative_to(self.root)
+        )
+        yield from self._walk_folder(base, above, root_real, confined)
+
+    def _walk_folder(self, folder: Path, above: frozenset, root_real: str, confined: bool):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            yield SkippedEntry(
+                self._key(folder),
+                "unreadable",
+                f"the folder cannot be read ({err.strerror}); check its permissions",
+            )
+            return
+        for entry in entries:
+            if TMP_MARK in entry.name:
+                continue
+            path, key = Path(entry.path), self._key(Path(entry.path))
+            try:
+                st = os.stat(path)  # follows symbolic links
+            except OSError as err:
+                yield _unstattable(key, path, err, entry.is_symlink())
+                continue
+            if entry.is_symlink():
+                real = os.path.realpath(path)
+                if confined and os.path.commonpath([root_real, real]) != root_real:
+                    yield SkippedEntry(
+                        key,
+                        "symlink_outside_source",
+                        f"a symbolic link to {real}, outside the source {self.root}; "
+                        "links out of the source are not followed: copy the file "
+                        "into the tree to include it",
+                    )
+                    continue
+            if stat.S_ISDIR(st.st_mode):
+                if _identity(path) in above:
+                    yield SkippedEntry(
+                        key,
+                        "symlink_loop",
+                        f"a symbolic link to {os.path.realpath(path)}, a folder "
+                        "that contains it: following it would never end",
+                    )
+                    continue
+                yield from self._walk_folder(path, above | {_identity(path)}, root_real, confined)
+            elif stat.S_ISREG(st.st_mode):
+                yield ObjectInfo(key=key, size=st.st_size, version_tag=str(st.st_mtime_ns))
+            else:
+                kind = _SPECIAL_KINDS.get(stat.S_IFMT(st.st_mode), "special file")
+                yield SkippedEntry(
+                    key,
+                    "not_a_regular_file",
+                    f"a {kind}, not a regular file: only regular files are read "
+                    "(reading a FIFO or device could block for ever)",
+                )
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _unstattable(key: str, path: Path, err: OSError, is_link: bool) -> SkippedEntry:
+    if err.errno == errno.ELOOP:
+        return SkippedEntry(
+            key, "symlink_loop", "a symbolic link that leads back to itself: it points nowhere"
+        )
+    if is_link:
+        return SkippedEntry(
+            key, "broken_symlink", f"a symbolic link to {os.readlink(path)!r}, which does not exist"
+        )
+    return SkippedEntry(key, "unreadable", f"cannot be read ({err.strerror})")
+
+
+def _new_temp_file(target: Path) -> tuple[int, str]:
+    """A new, empty temporary file beside `target`, created by open(2) with mode 0666 so
+    the process umask applies as for any file (mkstemp makes 0600 files whatever the
+    umask, and they stay 0600 once renamed into place)."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}{TMP_MARK}{secrets.token_hex(6)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        return fd, str(tmp)
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of `path`, refusing anything but a regular file: opened non-blocking (a
+    FIFO opens at once instead of waiting for a writer) and checked before any read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _SPECIAL_KINDS.get(stat.S_IFMT(mode), "folder or special file")
+            raise StorageError(f"cannot read {path}: it is a {kind}, not a regular file")
+        return f.read()

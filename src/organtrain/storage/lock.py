@@ -71,7 +71,7 @@ class StorageLock:
                     "exits. If that process is gone, the lock is taken over after "
                     f"{self.stale_after:g} s without a heartbeat"
                 )
-            log.warning("taking over the lock of a process that stopped: %s", holder)
+            log.warning("taking over the lock on %s: its holder stopped (%s)", self.what, holder)
             self.storage.delete(self.key)
             if not self.storage.put_if_absent(self.key, self._record()):
                 raise self.error(

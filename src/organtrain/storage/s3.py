@@ -29,6 +29,12 @@ from organtrain.storage.keys import join_key, validate_key
 
 SHA256_META = "sha256"
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+# What a HEAD request answers when refused: a bare status, no error code (HEAD has no body).
+_BARE_FORBIDDEN = {"403", "Forbidden"}
+_CREDENTIAL_CHAIN = (
+    "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), "
+    "else the AWS_PROFILE profile in ~/.aws, else the instance or pod role"
+)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -58,12 +64,17 @@ def make_client(endpoint_url: str | None = None, region: str | None = None):
 
 
 class S3Storage(Storage):
+    """`setting` is the configuration field this storage came from (storage.uri,
+    prepare.source): the field a user fixes when the bucket does not exist."""
+
     def __init__(
-        self, bucket: str, prefix: str = "", *, client=None, endpoint_url=None, region=None
-    ):
+        self, bucket: str, prefix: str = "", *, client=None, endpoint_url=None, region=None,
+        setting: str = "storage.uri",
+    ):  # fmt: skip
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
+        self.setting = setting
         self.client = client or make_client(endpoint_url, region)
 
     @property
@@ -71,7 +82,7 @@ class S3Storage(Storage):
         return f"s3://{join_key(self.bucket, self.prefix)}"
 
     def sub(self, prefix: str) -> S3Storage:
-        return S3Storage(self.bucket, self._key(prefix), client=self.client)
+        return S3Storage(self.bucket, self._key(prefix), client=self.client, setting=self.setting)
 
     def _key(self, key: str) -> str:
         return join_key(self.prefix, validate_key(key))
@@ -81,10 +92,7 @@ class S3Storage(Storage):
         where = self.url(key) if key else self.uri
         endpoint = self.client.meta.endpoint_url
         if isinstance(err, botocore.exceptions.NoCredentialsError):
-            return StorageError(
-                f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where an instance/pod role applies"
-            )
+            return StorageError(f"{where}: no AWS credentials found; {_CREDENTIAL_CHAIN}")
         if isinstance(
             err,
             botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError,
@@ -98,16 +106,16 @@ class S3Storage(Storage):
             if code == "NoSuchBucket":
                 return StorageError(
                     f"{where}: bucket {self.bucket!r} does not exist at {endpoint}; "
-                    "create it or fix storage.uri"
+                    f"create it or fix {self.setting}"
                 )
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectNotFoundError(f"{where} does not exist")
             if code in _CREDENTIAL_CODES:
                 return StorageError(
-                    f"{where}: the endpoint {endpoint} rejected the credentials ({code}); "
-                    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+                    f"{where}: the endpoint {endpoint} rejected the credentials ({code}): "
+                    f"a wrong or expired key; {_CREDENTIAL_CHAIN}"
                 )
-            if code in ("AccessDenied", "403", "Forbidden"):
+            if code in ("AccessDenied", *_BARE_FORBIDDEN):
                 return StorageError(
                     f"{where}: access denied ({code}); these credentials may not use this "
                     "bucket or prefix"
@@ -189,8 +197,14 @@ class S3Storage(Storage):
             Path(tmp).unlink(missing_ok=True)
 
     def tune_location(self, key: str):
-        """Tune writes through pyarrow's S3 filesystem, pointed at the same endpoint with
-        the same credentials as boto3 (its standard chain, so instance roles work too)."""
+        """Tune writes through pyarrow's S3 filesystem, pointed at the same endpoint.
+
+        It is given no keys: Tune pickles this filesystem into the experiment's state in
+        storage (tuner.pkl, experiment_state) and into the tasks it sends, and a
+        filesystem built with explicit keys pickles them. Without keys, pyarrow resolves
+        them from the standard chain (environment, profile, instance/pod role) in each
+        process that uses it, and only the endpoint and region, nothing secret, are
+        pickled."""
         from urllib.parse import urlparse
 
         import pyarrow.fs
@@ -199,19 +213,13 @@ class S3Storage(Storage):
         options = {"region": self.client.meta.region_name or "us-east-1"}
         if not endpoint.hostname.endswith("amazonaws.com"):
             options |= {"endpoint_override": endpoint.netloc, "scheme": endpoint.scheme}
-        credentials = boto3.session.Session().get_credentials()
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
-            options |= {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
-            if frozen.token:
-                options["session_token"] = frozen.token
         return join_key(self.bucket, self._key(key)), pyarrow.fs.S3FileSystem(**options)
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
-            failure = self._fail(err, key)
+            failure = self._fail(self._why_forbidden(err, key), key)
             if isinstance(failure, ObjectNotFoundError):
                 return None
             raise failure from None
@@ -221,6 +229,22 @@ class S3Storage(Storage):
             sha256=head.get("Metadata", {}).get(SHA256_META),
             version_tag=head.get("ETag"),
         )
+
+    def _why_forbidden(self, err: Exception, key: str) -> Exception:
+        """A refused HEAD says only 403: a wrong secret and a missing permission look the
+        same. A one-byte GET of the same key is refused with the reason in its body
+        (SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied); return that error."""
+        code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+        if code not in _BARE_FORBIDDEN:
+            return err
+        try:
+            self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range="bytes=0-0")
+        except botocore.exceptions.ClientError as probe:
+            if probe.response.get("Error", {}).get("Code", "") not in ("", *_BARE_FORBIDDEN):
+                return probe
+        except botocore.exceptions.BotoCoreError:
+            pass
+        return err
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         full = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
