@@ -1,5 +1,5 @@
 """The `organtrain` command line: demo, synth, prepare, leakage, train, sweep, nightly,
-models, report, status."""
+predict, models, report, status."""
 
 from __future__ import annotations
 
@@ -49,7 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_run_synth)
 
     prep = commands.add_parser(
-        "prepare", help="scan an image tree into a manifest, split and shards"
+        "prepare",
+        help="scan an image tree into a manifest, split and shards",
+        description="Writes a new dataset version from an image tree, or finds it already "
+        "there. --repair re-verifies a published version's shards and rewrites missing or "
+        "damaged ones from the source. Exit status: 0 done, 2 bad input, 3 another prepare "
+        "of this dataset is running.",
     )
     prep.add_argument(
         "source", nargs="?", help="folder or s3://bucket/prefix (default: prepare.source)"
@@ -58,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dest", help="storage root, folder or s3://bucket/prefix (default: storage.uri)"
     )
     prep.add_argument("--dataset", help="dataset name (default: prepare.dataset)")
+    prep.add_argument(
+        "--repair", action="store_true",
+        help="verify every shard of a published version against its recorded sha256 and "
+        "rewrite the missing or damaged ones from the source",
+    )  # fmt: skip
+    prep.add_argument("--version", help="with --repair: the version (default: the latest)")
     _add_config_args(prep, default=None)
     prep.set_defaults(run=_run_prepare)
 
@@ -116,8 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(night, default=None)
     night.set_defaults(run=_run_nightly)
 
+    _add_predict_parser(commands)
+
     models = commands.add_parser("models", help="the model registry: versions and champions")
     models_commands = models.add_subparsers(required=True, metavar="ACTION")
+    _add_model_use_parsers(models_commands)
     for name, helptext in (
         ("list", "every organ's champion and number of versions"),
         ("show", "one organ's versions, its champion marked"),
@@ -145,13 +159,122 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_run_report)
 
     status = commands.add_parser(
-        "status", help="where a run stands: organs, trials, best metric so far, errors"
+        "status",
+        help="where a run stands: organs, trials, best metric so far, errors",
+        description="Prints a run's state as a table; reads only the storage, so it works "
+        "while the run goes on elsewhere. Exit status: 0 the table was printed (whatever the "
+        "run's state: failed organs are in the table), 2 no such run or bad input.",
     )
     status.add_argument("run_id", metavar="RUN", help="run id (a folder under <storage>/runs/)")
     _add_storage_arg(status)
     _add_config_args(status, default=None)
     status.set_defaults(run=_run_status)
     return parser
+
+
+def _add_predict_parser(commands) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="classify new images with each organ's model (resumes if interrupted)",
+        description="Classifies an image tree (<organ>/..., every organ with its own model), "
+        "a folder of one organ's images (--organ), an s3:// prefix, or the keys listed in "
+        "--keys. Images are decoded, cropped and resized exactly as `prepare` and training "
+        "did. Writes OUT/predictions.parquet, OUT/rejected.parquet (files that could not be "
+        "read, with the reason) and OUT/summary.json. Exit status: 0 done, 2 bad input, "
+        "3 another predict is writing to OUT, 130 interrupted (run it again to continue).",
+    )
+    predict.add_argument("source", metavar="SOURCE", help="folder or s3://bucket/prefix")
+    predict.add_argument("--out", required=True, help="folder or s3:// prefix for the tables")
+    predict.add_argument("--organ", help="classify every image with this organ's model")
+    which = predict.add_mutually_exclusive_group()
+    which.add_argument("--version", help="a registry version (default: the champion)")
+    which.add_argument("--run", dest="from_run", metavar="RUN",
+                       help="use the model a `train`/`sweep` run published")  # fmt: skip
+    predict.add_argument("--keys", help="text file of keys under SOURCE, one a line")
+    predict.add_argument("--chunk-images", type=int, default=256,
+                         help="images per chunk, the unit of resumption (default 256)")  # fmt: skip
+    predict.add_argument("--workers", type=int,
+                         help="Ray actors (default: in this process for small inputs)")  # fmt: skip
+    predict.add_argument("--address", help="Ray cluster address (see `organtrain sweep`)")
+    _add_storage_arg(predict)
+    _add_config_args(predict, default=None)
+    predict.set_defaults(run=_run_predict)
+
+
+def _add_model_use_parsers(models_commands) -> None:
+    register = models_commands.add_parser(
+        "register", help="register the model a `train` run or a sweep published, with its card"
+    )
+    register.add_argument("run_id", metavar="RUN")
+    register.add_argument("organ", metavar="ORGAN")
+    register.add_argument("--promote", action="store_true", help="make it the champion too")
+    export = models_commands.add_parser(
+        "export",
+        help="write a TensorFlow SavedModel (TF Serving layout) that needs no organtrain",
+    )
+    export.add_argument("organ", metavar="ORGAN")
+    export.add_argument("version", metavar="VERSION", nargs="?", help="default: the champion")
+    export.add_argument("--out", required=True, help="folder or s3:// prefix: OUT/<n>/ is new")
+    for action, name in ((register, "register"), (export, "export")):
+        _add_storage_arg(action)
+        _add_config_args(action, default=None)
+        action.set_defaults(run=_run_model_use, action=name)
+
+
+def _run_predict(args) -> None:
+    from organtrain.predict import predict
+
+    cfg = load_config(args.config, args.overrides)
+    keys = None
+    if args.keys:
+        try:
+            with open(args.keys) as f:
+                keys = [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            raise ConfigError(f"--keys {args.keys}: {err.strerror}") from None
+    outcome = predict(
+        _storage(cfg, args.source), _storage(cfg, args.out),
+        models=_storage(cfg, args.storage or cfg.storage.uri), organ=args.organ,
+        version=args.version, run=args.from_run, keys=keys, chunk_images=args.chunk_images,
+        workers=args.workers, address=args.address, ray_cfg=cfg, progress=not args.no_progress,
+    )  # fmt: skip
+    done = " (already done)" if outcome.already_done else ""
+    print(f"classified {outcome.classified} of {outcome.images} image(s){done}; "
+          f"{outcome.rejected} could not be read")  # fmt: skip
+    for organ, version in outcome.models.items():
+        counts = outcome.predicted.get(organ, {})
+        shown = ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) or "none"
+        print(f"  {organ} (model {version}): {shown}")
+    if outcome.rejected:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(outcome.rejected_reasons.items()))
+        print(f"  unreadable: {reasons}; rejected.parquet lists each file")
+    if outcome.chunks_reused:
+        print(f"  {outcome.chunks_reused} of {outcome.chunks} chunk(s) were done by an "
+              "earlier, interrupted run")  # fmt: skip
+    if not outcome.already_done:
+        print(f"  {outcome.images_per_s:.1f} images/s")
+    print(f"  {outcome.out}")
+
+
+def _run_model_use(args) -> None:
+    from organtrain import registry
+
+    cfg = load_config(args.config, args.overrides)
+    storage = _storage(cfg, args.storage or cfg.storage.uri)
+    if args.action == "register":
+        entry = registry.register_run(storage, args.run_id, args.organ)
+        print(f"{args.organ}: version {entry.version} registered ({entry.model}, "
+              f"{entry.test_images} test images)")  # fmt: skip
+        print(f"  {storage.url(registry.version_prefix(args.organ, entry.version))}/")
+        if args.promote:
+            reason = "promoted by hand (organtrain models register --promote)"
+            registry.promote(storage, args.organ, entry.version, reason=reason)
+            print(f"{args.organ}: champion is now {entry.version}")
+        return
+    from organtrain.export import export_version
+
+    where = export_version(storage, args.organ, args.version, _storage(cfg, args.out))
+    print(f"{args.organ}: SavedModel written to {where}")
 
 
 def _add_storage_arg(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +287,8 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None) -> No
     parser.add_argument("--config", default=default, help="run configuration YAML (see jobs/)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="override one config field, e.g. --set prepare.test_fraction=0.2 (repeatable)",
+        help="override one config field (repeatable); VALUE is read as YAML, e.g. --set "
+        "train.epochs=5 or --set 'model.filters=[16, 32]' (quote brackets for the shell)",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -188,7 +312,29 @@ def _run_prepare(args) -> None:
     cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, **changes))
     if args.dest:
         cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=args.dest))
-    _prepare(cfg, progress=not args.no_progress)
+    if args.repair:
+        _repair(cfg, version=args.version, progress=not args.no_progress)
+    elif args.version:
+        raise ConfigError("--version names the version to --repair; add --repair")
+    else:
+        _prepare(cfg, progress=not args.no_progress)
+
+
+def _repair(cfg: RunConfig, *, version: str | None, progress: bool) -> None:
+    from organtrain.data.prepare import repair
+
+    source = _storage(cfg, cfg.prepare.source, setting="prepare.source")
+    dest = _storage(cfg, cfg.storage.uri)
+    result = repair(source, dest, cfg.prepare, version=version, progress=progress)
+    print(f"dataset {result.dataset} version {result.version}: {result.shards} shard(s) verified")
+    print(f"  {result.uri}")
+    if result.rewritten:
+        print(f"  {len(result.rewritten)} of {result.shards} shard(s) were missing or damaged and "
+              "were rewritten from the source; each matches its recorded sha256 again")  # fmt: skip
+        for key in result.rewritten:
+            print(f"  rewritten: {key}")
+    else:
+        print("  all shards match their recorded sha256; nothing rewritten")
 
 
 def _run_leakage(args) -> int:
@@ -343,10 +489,12 @@ def _run_status(args) -> None:
     print(render_status(_storage(cfg, args.storage or cfg.storage.uri), args.run_id))
 
 
-def _storage(cfg: RunConfig, uri: str):
+def _storage(cfg: RunConfig, uri: str, setting: str = "storage.uri"):
     from organtrain.storage import open_storage
 
-    return open_storage(uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    return open_storage(
+        uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region, setting=setting
+    )
 
 
 def _run_demo(args) -> int:
@@ -368,9 +516,12 @@ def _run_demo(args) -> int:
 def _prepare(cfg: RunConfig, *, progress: bool):
     from organtrain.data.prepare import prepare
 
-    source, dest = _storage(cfg, cfg.prepare.source), _storage(cfg, cfg.storage.uri)
+    source = _storage(cfg, cfg.prepare.source, setting="prepare.source")
+    dest = _storage(cfg, cfg.storage.uri)
     result = prepare(source, dest, cfg.prepare, progress=progress)
     state = "written" if result.created else "unchanged, nothing written"
+    if result.repaired:
+        state = f"already there; repaired {len(result.repaired)} shard(s) that were missing"
     print(f"dataset {result.dataset} version {result.version} ({state})")
     print(f"  {result.uri}")
     organs = len(result.organs)

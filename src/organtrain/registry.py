@@ -1,6 +1,7 @@
 """The model registry: immutable model versions per organ, and a champion pointer.
 
     models/<organ>/versions/<version>/model.keras
+    models/<organ>/versions/<version>/MODEL_CARD.md  what it is for, data, metrics, limits
     models/<organ>/versions/<version>/entry.json   written last: the version exists
     models/<organ>/champion.json                   which version serves; one object, so
                                                    promotion and rollback are atomic
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -23,6 +25,7 @@ from organtrain.errors import ConfigError, ObjectNotFoundError
 from organtrain.storage import Storage, join_key, key_part_problem
 
 ENTRY = "entry.json"
+CARD = "MODEL_CARD.md"
 CHAMPION = "champion.json"
 
 
@@ -44,6 +47,9 @@ class ModelVersion:
     code_version: str  # organtrain's version
     model_sha256: str | None = None
     search: dict | None = None  # the chosen trial, for sweeps
+    # How `prepare` made its training images (max_image_side, encoding, jpeg_quality): new
+    # images must be made the same way (predict, export). None: read the dataset version.
+    preprocessing: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -73,15 +79,28 @@ def code_version() -> str:
         return "unknown"
 
 
-def register(storage: Storage, entry: ModelVersion, model_path: str | Path) -> ModelVersion:
-    """Add a version (the model file first, the entry last). Registering the same version
-    again returns the stored one: a re-run nightly does not duplicate or alter it."""
+def version_prefix(organ: str, version: str) -> str:
+    return join_key(_prefix(organ), "versions", version)
+
+
+def register(
+    storage: Storage,
+    entry: ModelVersion,
+    model_path: str | Path,
+    *,
+    card: Callable[[ModelVersion], str] | None = None,
+) -> ModelVersion:
+    """Add a version (the model file and its card first, the entry last). Registering the
+    same version again returns the stored one: a re-run nightly does not duplicate or
+    alter it. `card` renders MODEL_CARD.md from the final entry."""
     existing = get_version(storage, entry.organ, entry.version, missing_ok=True)
     if existing is not None:
         return existing
-    base = join_key(_prefix(entry.organ), "versions", entry.version)
+    base = version_prefix(entry.organ, entry.version)
     info = storage.put_file(join_key(base, "model.keras"), model_path)
     entry = ModelVersion(**{**asdict(entry), "model_sha256": info.sha256})
+    if card is not None:
+        storage.put_bytes(join_key(base, CARD), card(entry).encode())
     storage.put_bytes(join_key(base, ENTRY), json.dumps(asdict(entry), indent=2).encode())
     return entry
 
@@ -89,8 +108,14 @@ def register(storage: Storage, entry: ModelVersion, model_path: str | Path) -> M
 def register_run_result(
     storage: Storage, result: dict, *, fingerprint: str, test_metrics: dict[str, float]
 ) -> ModelVersion:
-    """Register the model a `train` or `sweep` run published for one organ."""
+    """Register the model a `train` or `sweep` run published for one organ, with its card."""
+    from organtrain.data.dataset import load_dataset
+    from organtrain.model_card import render_card, run_predictions
+    from organtrain.predict import preprocessing
+
     run_prefix = join_key("runs", result["run_id"], result["organ"])
+    index = load_dataset(storage, result["dataset"], result["dataset_version"])
+    predictions = run_predictions(storage, result["run_id"], result["organ"])
     entry = ModelVersion(
         organ=result["organ"], version=result["run_id"], created=_now(),
         run_id=result["run_id"], source=result["uri"], model=result["model"],
@@ -98,11 +123,39 @@ def register_run_result(
         test_metrics=test_metrics, test_images=result["test_images"],
         dataset=result["dataset"], dataset_version=result["dataset_version"],
         fingerprint=fingerprint, code_version=code_version(), search=result.get("search"),
+        preprocessing=preprocessing(index.settings),
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "model.keras")
         storage.download(join_key(run_prefix, "model.keras"), path)
-        return register(storage, entry, path)
+        return register(
+            storage, entry, path,
+            card=lambda e: render_card(e, index=index, predictions=predictions),
+        )  # fmt: skip
+
+
+def register_run(storage: Storage, run_id: str, organ: str) -> ModelVersion:
+    """`organtrain models register RUN ORGAN`: the model a finished `train` run or a
+    sweep's chosen trial published, with the same entry the nightly writes."""
+    from organtrain.data.dataset import load_dataset
+    from organtrain.data.manifest import read_parquet
+    from organtrain.nightly import fingerprints
+
+    prefix = join_key("runs", run_id, organ)
+    try:
+        result = json.loads(storage.get_bytes(join_key(prefix, "result.json")))
+        rows = read_parquet(storage.get_bytes(join_key(prefix, "metrics", "metrics.parquet")))
+    except ObjectNotFoundError:
+        raise ConfigError(
+            f"{storage.url(prefix)} holds no finished model (result.json and "
+            f"metrics/metrics.parquet): is {run_id!r} a finished `train` or `sweep` run that "
+            f"trained {organ!r}? `organtrain status {run_id}` shows where it stands"
+        ) from None
+    whole_split = {r["metric"]: r["value"] for r in rows.to_pylist() if r["class_name"] is None}
+    metrics = {m: whole_split[m] for m in ("accuracy", "macro_f1", "macro_roc_auc")}
+    index = load_dataset(storage, result["dataset"], result["dataset_version"])
+    fingerprint = fingerprints(storage, index)[organ]
+    return register_run_result(storage, result, fingerprint=fingerprint, test_metrics=metrics)
 
 
 def get_version(

@@ -44,6 +44,20 @@ def normalise_image(
     data: bytes, *, max_side: int, encoding: str = "png", jpeg_quality: int = 95
 ) -> NormalisedImage:
     """Decode `data` fully, check it, and re-encode it as RGB; raises ImageRejected."""
+    rgb, (width, height, mode) = decode_rgb(data, max_side=max_side)
+    out = io.BytesIO()
+    options = {"quality": jpeg_quality} if encoding == "jpeg" else {}
+    rgb.save(out, format=ENCODING_FORMATS[encoding], **options)
+    return NormalisedImage(width, height, mode, out.getvalue(), rgb.width, rgb.height, rgb)
+
+
+def decode_rgb(data: bytes, *, max_side: int) -> tuple[Image.Image, tuple[int, int, str]]:
+    """Decode `data` fully, check it, convert it to RGB and shrink it to at most `max_side`;
+    returns (the RGB image, (original width, height, mode)); raises ImageRejected.
+
+    `prepare` stores these pixels in the shards, and `organtrain predict` feeds the same
+    ones to a model, so new images are seen exactly as the training images were.
+    """
     if not data:
         raise ImageRejected("empty_file", "the file has zero bytes")
     image = _decode(data)
@@ -53,14 +67,11 @@ def normalise_image(
             f"pixel mode {image.mode!r} has no unambiguous 8-bit RGB rendering; "
             "convert the file to 8-bit RGB or greyscale",
         )
-    width, height, mode = image.width, image.height, image.mode
+    original = (image.width, image.height, image.mode)
     rgb = _to_rgb(image)
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    options = {"quality": jpeg_quality} if encoding == "jpeg" else {}
-    rgb.save(out, format=ENCODING_FORMATS[encoding], **options)
-    return NormalisedImage(width, height, mode, out.getvalue(), rgb.width, rgb.height, rgb)
+    return rgb, original
 
 
 def _decode(data: bytes) -> Image.Image:

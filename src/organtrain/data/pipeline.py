@@ -153,15 +153,25 @@ def _decoder(image_size: int, with_keys: bool = False):
         example = tf.io.parse_single_example(serialized, spec)
         # decode_image reads PNG and JPEG alike; the shards are already RGB.
         image = tf.io.decode_image(example[IMAGE_ENCODED], channels=3, expand_animations=False)
-        image = _center_square(image)
-        image = tf.image.resize(image, (image_size, image_size), antialias=True)
-        image.set_shape((image_size, image_size, 3))
+        image = crop_and_resize(image, image_size)
         label = tf.cast(example[LABEL], tf.int32)
         if with_keys:
             return image, label, example[SHA256], example[SOURCE_KEY]
         return image, label
 
     return decode
+
+
+def crop_and_resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """A decoded RGB image (H, W, 3) -> float32 (S, S, 3) in 0..255, as the model sees it.
+
+    Training, evaluation, `organtrain predict` and the exported SavedModel all call this,
+    so a model sees the same pixels whichever way an image reaches it.
+    """
+    image = _center_square(image)
+    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    image.set_shape((image_size, image_size, 3))
+    return image
 
 
 def _center_square(image: tf.Tensor) -> tf.Tensor:
