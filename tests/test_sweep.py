@@ -17,10 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from organtrain import registry
 from organtrain.cli import main
 from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import read_parquet
 from organtrain.data.synth import write_synthetic_tree
+from organtrain.predict import PREDICTIONS
 from organtrain.storage import LocalStorage, open_storage
 
 pytestmark = pytest.mark.slow  # real Ray / SLURM / training: minutes
@@ -128,6 +130,35 @@ def test_two_organs_searched_at_once_with_asha(local_job):
     for trial in run.path("tune").glob("*/train_*"):
         assert 1 <= len(list(trial.glob("checkpoint_*"))) <= 2, trial
     assert "lung: done" in done.stderr and "colon: done" in done.stderr
+
+
+def test_a_sweeps_model_is_registered_promoted_and_classifies(local_job, source, tmp_path):
+    """The chosen model of the ASHA sweep above enters the registry (`models register
+    --promote`) and `predict` with the champion gives the sweep's own test predictions."""
+    store = LocalStorage(load_config_uri(local_job))
+    config = ["--config", str(local_job)]
+    assert main(["models", "register", "asha", "colon", "--promote", *config]) == 0
+    champion = registry.champion(store, "colon")
+    assert champion is not None and champion.version == "asha"
+    entry = registry.get_version(store, "colon", "asha")
+    chosen = {r["organ"]: r for r in table(store.sub("runs/asha"), "summary.parquet")}["colon"]
+    assert entry.search["trial_id"] == chosen["trial_id"]
+    assert store.exists("models/colon/versions/asha/MODEL_CARD.md")
+
+    reference = table(store.sub("runs/asha"), "colon/metrics/predictions.parquet")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("".join(f"{r['source_key']}\n" for r in reference))
+    out = tmp_path / "out"
+    argv = ["predict", str(source / "src"), "--out", str(out), "--organ", "colon",
+            "--keys", str(keys), "--no-progress", *config]  # fmt: skip
+    assert main(argv) == 0
+    got = {r["key"]: r for r in table(LocalStorage(out), PREDICTIONS)}
+    assert len(got) == len(reference) > 0
+    for ref in reference:
+        row = got[ref["source_key"]]
+        assert row["model_version"] == "asha" and row["predicted_class"] == ref["predicted_class"]
+        probs = [row[f"p_{c}"] for c in ORGANS["colon"]]
+        assert max(abs(a - b) for a, b in zip(probs, ref["probabilities"], strict=True)) < 1e-5
 
 
 def load_config_uri(job: Path) -> str:
