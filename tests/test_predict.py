@@ -19,9 +19,11 @@ from tinyrun import RUN_ID, make_tiny_run
 
 from organtrain import registry
 from organtrain.cli import main
+from organtrain.config import load_config
 from organtrain.data.manifest import read_parquet
 from organtrain.errors import ConfigError
 from organtrain.predict import PREDICTIONS, REJECTED, SUMMARY, predict
+from organtrain.search.sweep import sweep
 from organtrain.storage import LocalStorage, open_storage
 
 ORGANS = {"lung": ["adenocarcinoma", "benign"], "colon": ["adenocarcinoma", "benign"]}
@@ -246,3 +248,14 @@ def test_models_export_writes_the_next_tf_serving_version_with_the_card(tiny, tm
     exported = json.loads((out / "2" / "assets.extra" / "organtrain.json").read_text())
     assert exported["classes"] == ORGANS["lung"] and exported["version"] == RUN_ID
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_sweep_is_refused_in_a_run_id_that_train_wrote(tiny):
+    """A sweep used to take the `train` results as finished organs and fail on their
+    missing search record; now it says so before writing anything."""
+    root, storage = tiny
+    cfg = load_config(root / "tiny.yaml")
+    with pytest.raises(ConfigError, match="already holds `organtrain train` results for"):
+        sweep(cfg, run_id=RUN_ID, progress=False, report=False)
+    assert not storage.exists(f"runs/{RUN_ID}/sweep.json")
+    assert not list(storage.list("locks"))  # the run's locks were released

@@ -280,6 +280,7 @@ def _plan(
                 f"{cfg.search.metric}: set prepare.val_fraction above 0 and prepare again, "
                 "or select on the training metric (search.metric: loss)"
             )
+    _refuse_train_results(storage, run_id, organs)
     plan = {
         "run_id": run_id,
         "dataset": index.dataset,
@@ -292,6 +293,18 @@ def _plan(
     }
     storage.put_bytes(key, json.dumps(plan, indent=2).encode())
     return plan
+
+
+def _refuse_train_results(storage: Storage, run_id: str, organs: list[str]) -> None:
+    """A new sweep cannot start in a run id where `organtrain train` already published an
+    organ: its result has no search to report, and a sweep would skip it as finished."""
+    trained = [o for o in organs if storage.exists(join_key(trial_prefix(run_id, o), RESULT))]
+    if trained:
+        raise ConfigError(
+            f"run {run_id} already holds `organtrain train` results for "
+            f"{', '.join(trained)} ({storage.url(join_key('runs', run_id))}): a sweep needs a "
+            "run id of its own; give another with --run-id (or `name` in the job file)"
+        )
 
 
 def _connect(address: str | None, cfg: RunConfig) -> None:
