@@ -133,6 +133,26 @@ def _wait_for(path_glob: str, root: Path, job_id: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
+_RECORDED = re.compile(r"checkpoint_dir_name\W+checkpoint_\d{6}")
+
+
+def _wait_until_tune_recorded_checkpoints(run: Path, organs, job_id: str, timeout: float):
+    """Until each organ's Tune experiment state (what a resumed sweep restores) names a
+    result that came with a checkpoint."""
+    deadline = time.monotonic() + timeout
+
+    def recorded(organ: str) -> bool:
+        states = (run / "tune" / organ).glob("experiment_state-*.json")
+        return any(_RECORDED.search(path.read_text(errors="replace")) for path in states)
+
+    while not all(recorded(organ) for organ in organs):
+        state = _job(job_id)["JobState"]
+        if state in FINISHED or time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], check=False)
+            pytest.fail(f"Tune recorded no checkpoint of {organs} while job {job_id} ran ({state})")
+        time.sleep(0.2)
+
+
 def _log(logs: Path, job_id: str) -> str:
     (path,) = logs.glob(f"*-{job_id}.out")
     return path.read_text()
@@ -223,9 +243,11 @@ def test_ray_sweep_preempted_is_requeued_resumes_and_finishes(job_file, tmp_path
     job_id = _submit(RAY, ["sweep", "--config", str(job_file), "--run-id", "sweep",
                            "--no-progress", "--set", "train.epochs=10"],
                      tmp_path / "logs")  # fmt: skip
-    # The second epoch's checkpoint: by then the driver has taken in the first (a checkpoint
-    # Tune had not yet registered when stopped is not resumed from).
+    # Stop once Tune's saved experiment state records a checkpoint of each organ's trial:
+    # a checkpoint written but not yet in that state (saved every 2 s) is not resumed from,
+    # and with epochs under a second "the second checkpoint exists" did not imply it.
     _wait_for("runs/sweep/**/checkpoint_000001", store, job_id, timeout=300)
+    _wait_until_tune_recorded_checkpoints(run, ("colon", "lung"), job_id, timeout=120)
     trials_before = _trial_dirs(run)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     info = _wait(job_id, timeout=420)
