@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 from seaweedfs import MARKER_ACCESS_KEY, MARKER_SECRET_KEY
+from test_sweep import JOB as SWEEP_JOB
+from test_sweep import ORGANS
 
 from organtrain.data.manifest import read_parquet
 from organtrain.data.synth import write_synthetic_tree
@@ -36,17 +38,10 @@ from organtrain.storage import S3Storage
 pytestmark = pytest.mark.slow  # real Ray, real training: a minute or two
 
 RUN_ID = "guarded"
-ORGANS = {"lung": ["adenocarcinoma", "benign"], "colon": ["adenocarcinoma", "benign"]}
 JOB = {
+    **SWEEP_JOB,  # the sweep tests' tiny two-organ job
     "name": RUN_ID,
-    "prepare": {"dataset": "tiny", "test_fraction": 0.25, "val_fraction": 0.25,
-                "min_images_per_diagnosis": 5, "max_image_side": 32, "images_per_shard": 8},
-    "input": {"image_size": 32, "batch_size": 4, "shuffle_buffer": 64},
-    "augment": {"rotation_range": 0, "width_shift_range": 0, "height_shift_range": 0,
-                "zoom_range": 0},
-    "model": {"name": "simple_cnn", "filters": [8, 16], "dense_units": 16},
     "train": {"epochs": 2, "early_stopping_patience": 0},
-    "resources": {"local_cpus": 2, "cpus_per_trial": 1},
     # lung's trial runs long enough to be killed mid-training; a killed trial is not retried.
     "search": {"samples": 1, "scheduler": "fifo", "max_failures": 0,
                "organ_space": {"lung": {"train.epochs": 400}}},
