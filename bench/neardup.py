@@ -18,7 +18,6 @@ which every family reaches recall 0.95, and the false merges at it.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import multiprocessing
@@ -39,60 +38,17 @@ from scipy.sparse.csgraph import connected_components
 from organtrain.data import neardup as nd
 from organtrain.data.synth import write_synthetic_tree
 
+# The copy-making transforms are the near-duplicate tests' own (one definition of what
+# an augmenting tool does to an image, measured here and asserted there).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from copies import D4, jpeg, resize, rotate_crop, thumbnail
+
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd-cells"
-MAX_SIDE = 256  # prepare's default max_image_side
 SYNTH_ORGANS = {
     "lung": ["adenocarcinoma", "benign", "squamous_cell_carcinoma"],
     "colon": ["adenocarcinoma", "benign"],
     "blood": ["malaria_parasitized", "uninfected"],
 }
-D4 = [
-    Image.Transpose.ROTATE_90,
-    Image.Transpose.ROTATE_180,
-    Image.Transpose.ROTATE_270,
-    Image.Transpose.FLIP_LEFT_RIGHT,
-    Image.Transpose.FLIP_TOP_BOTTOM,
-    Image.Transpose.TRANSPOSE,
-    Image.Transpose.TRANSVERSE,
-]
-
-# ----------------------------------------------------------------- transforms
-
-
-def thumbnail(image: Image.Image) -> Image.Image:
-    """prepare's rule (organtrain.data.images.normalise_image)."""
-    image = image.convert("RGB")
-    if max(image.size) > MAX_SIDE:
-        image = image.copy()
-        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
-    return image
-
-
-def rotate_crop(image: Image.Image, degrees: float) -> Image.Image:
-    """Augmentor's RotateRange: rotate, crop the largest inner rectangle, resize back."""
-    w, h = image.size
-    inner_w, inner_h = nd._largest_rotated_rect(w, h, math.radians(degrees))
-    rotated = image.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)
-    cw, ch = rotated.size
-    box = (
-        round((cw - inner_w) / 2),
-        round((ch - inner_h) / 2),
-        round((cw + inner_w) / 2),
-        round((ch + inner_h) / 2),
-    )
-    return rotated.crop(box).resize((w, h), Image.Resampling.BICUBIC)
-
-
-def jpeg(image: Image.Image, quality: int = 70) -> Image.Image:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
-
-
-def resize(image: Image.Image, factor: float) -> Image.Image:
-    w, h = image.size
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def families(image: Image.Image, rng: random.Random) -> dict[str, list[Image.Image]]:

@@ -48,4 +48,5 @@ def jpeg(image: Image.Image, quality: int = 70) -> Image.Image:
 
 def resize(image: Image.Image, factor: float) -> Image.Image:
     w, h = image.size
-    return image.resize((round(w * factor), round(h * factor)), Image.Resampling.BICUBIC)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return image.resize(size, Image.Resampling.BICUBIC)
