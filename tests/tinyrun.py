@@ -56,3 +56,22 @@ def make_tiny_run(root: Path, organs: dict[str, list[str]]) -> LocalStorage:
     for organ in organs:
         train_organ(cfg, storage, organ, run_id=RUN_ID, verbose=0)
     return storage
+
+
+def write_many_organs(out: Path, names: list[str], *, images_per_diagnosis: int = 24) -> None:
+    """Organs under any names: the synthetic blood, colon and lung recipes in turn, each
+    copy drawn with its own seed, two diagnoses each, 32 px. For the tests and benchmark
+    of many organs searched at once."""
+    from organtrain.data.synth import DEFAULT_ORGANS
+
+    recipes = list(DEFAULT_ORGANS.items())
+    out.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        recipe, diagnoses = recipes[i % len(recipes)]
+        drawn = out.parent / f"{out.name}-drawn-{i}"
+        write_synthetic_tree(
+            drawn, organs={recipe: list(diagnoses)[:2]},
+            images_per_diagnosis=images_per_diagnosis, image_size=32, seed=i, progress=False,
+        )  # fmt: skip
+        (drawn / recipe).rename(out / name)
+        drawn.rmdir()

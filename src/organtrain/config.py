@@ -302,6 +302,11 @@ class ResourcesConfig:
     # train.cpu_replicas logical CPU devices stand in for them.
     gpus_per_trial: float = 0.0
     local_cpus: int | None = None  # a Ray started here: CPUs it may use (None: all)
+    # Memory Ray reserves for each organ's search task (its Tune controller: ~250 MiB
+    # measured, bench/RESULTS.md "Organs at once"), so Ray starts only the organs' searches
+    # a node can hold and queues the rest, instead of the OOM killer choosing. No CPU is
+    # reserved: a controller mostly waits, and a CPU fraction would cost a trial slot.
+    search_memory_mb: int = 512
 
     def __post_init__(self):
         _require(self.cpus_per_trial > 0, "cpus_per_trial", "must be positive")
@@ -312,6 +317,7 @@ class ResourcesConfig:
             "must be a whole number above 1 (a fraction below 1 shares one GPU)",
         )
         _require(self.local_cpus is None or self.local_cpus >= 1, "local_cpus", "must be >= 1")
+        _require(self.search_memory_mb >= 0, "search_memory_mb", "must be >= 0 (0: reserve none)")
 
 
 @dataclass(frozen=True)

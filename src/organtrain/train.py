@@ -31,11 +31,13 @@ from organtrain import evaluate, plots
 from organtrain.augment import augment_in_dataset, build_augmentation, resolve_placement
 from organtrain.checkpoint import DurableCheckpoint, TrainingState, load_checkpoint
 from organtrain.config import RunConfig
+from organtrain.data.cache import shard_read_errors
 from organtrain.data.dataset import DatasetIndex, load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.data.pipeline import build_dataset, shard_files
 from organtrain.errors import ConfigError, DataError
 from organtrain.models import build_model
+from organtrain.search.job import trial_prefix
 from organtrain.storage import Storage, join_key
 from organtrain.storage.lock import LockHeld, StorageLock
 from organtrain.strategy import make_strategy
@@ -64,10 +66,6 @@ class TrainResult:
     uri: str
     settings: dict  # the configuration that trained it (see trial_settings)
     search: dict | None = None  # for a sweep's chosen trial: which trial, among how many
-
-
-def trial_prefix(run_id: str, organ: str) -> str:
-    return join_key("runs", run_id, organ)
 
 
 # A lock's holder rewrites it every 30 s (storage.lock.HEARTBEAT_S); one not rewritten for
@@ -183,19 +181,20 @@ def _train_organ(
     with strategy.scope():
         model = _model(cfg, storage, prefix, state, len(classes))
     if state.epoch < cfg.train.epochs and not state.stopped_early:
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=cfg.train.epochs,
-            initial_epoch=state.epoch,
-            steps_per_epoch=steps_per_epoch(index, organ, global_batch),  # one stream of epochs
-            callbacks=[
-                ReseedEachEpoch(cfg.train.seed),
-                DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience),
-            ],
-            shuffle=False,  # the pipeline shuffles
-            verbose=verbose,
-        )
+        with shard_read_errors():  # a damaged shard is named, not a bare DataLossError
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=cfg.train.epochs,
+                initial_epoch=state.epoch,
+                steps_per_epoch=steps_per_epoch(index, organ, global_batch),
+                callbacks=[
+                    ReseedEachEpoch(cfg.train.seed),
+                    DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience),
+                ],
+                shuffle=False,  # the pipeline shuffles
+                verbose=verbose,
+            )
     best = load_checkpoint(storage, prefix, state.best)
     return finish(cfg, storage, prefix, run_id, organ, index, classes, best, state,
                    replicas, global_batch, started)  # fmt: skip
@@ -302,10 +301,11 @@ def predict_split(
         num_images=index.split_size(organ, split), image_size=image_size,
         batch_size=batch_size, training=False, cache_images=False, with_keys=True,
     )  # fmt: skip
-    batches = [
-        (model.predict_on_batch(images), labels.numpy(), hashes.numpy(), keys.numpy())
-        for images, labels, hashes, keys in data
-    ]
+    with shard_read_errors():
+        batches = [
+            (model.predict_on_batch(images), labels.numpy(), hashes.numpy(), keys.numpy())
+            for images, labels, hashes, keys in data
+        ]
     y_prob = np.concatenate([b[0] for b in batches])
     y_true = np.concatenate([b[1] for b in batches])
     hashes = [h.decode() for b in batches for h in b[2]]

@@ -20,15 +20,13 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from organtrain.checkpoint import TrainingState
 from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import OrgantrainError
 from organtrain.search import results
+from organtrain.search.job import MODEL_FILE, STATE_FILE, SweepJob, progress_key, trial_prefix
 from organtrain.search.space import organ_space, pbt_mutations, trial_config
-from organtrain.search.trial import MODEL_FILE, STATE_FILE, SweepJob, progress_key, run_trial
 from organtrain.storage import join_key
-from organtrain.train import finish, trial_prefix
 
 
 class OrganFailed(OrgantrainError):
@@ -104,9 +102,10 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     fit_seconds = time.monotonic() - fit_started
     prune_checkpoints(grid, search.metric, search.mode)
 
+    identities = trial_identities(grid)
     rows = results.trial_rows(
-        grid, run_id=job.run_id, organ=organ, metric=search.metric, mode=search.mode,
-        epochs=cfg.train.epochs,
+        grid, identities, run_id=job.run_id, organ=organ, metric=search.metric,
+        mode=search.mode, epochs=cfg.train.epochs,
     )  # fmt: skip
     out = job.storage().sub(trial_prefix(job.run_id, organ))
     out.put_bytes("metrics/trials.parquet", parquet_bytes(results.trials_table(rows)))
@@ -123,9 +122,10 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     best = choose_trial(grid, search.metric, search.mode)
     if best is None:
         raise OrganFailed(failure_message(organ, rows, search.metric, experiment), counts)
+    identity = identities[Path(best.path).name]
     chosen = {
-        "trial_id": best.metrics.get("trial_id"),
-        "trial_config": best.config,
+        "trial_id": identity.trial_id,
+        "trial_config": identity.config,
         "metric": search.metric,
         "value": _best_value(best, search.metric, search.mode),
         "search_seconds": fit_seconds,  # Tune's fit, this invocation (bench/sweep.py)
@@ -136,7 +136,7 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     )
     result = ray.get(
         evaluate.remote(
-            job, organ, best.config, best.get_best_checkpoint(search.metric, search.mode),
+            job, organ, identity.config, best.get_best_checkpoint(search.metric, search.mode),
             best.checkpoint, int(best.metrics.get("replicas", 1)), chosen,
         )
     )  # fmt: skip
@@ -169,10 +169,49 @@ def organ_trainable(job: SweepJob, organ: str):
     tune.with_parameters would give them) would overwrite each other's parameters."""
 
     def trainable(config: dict) -> None:
+        # Imported here, in the trial's worker: the organ's search process, which pickles
+        # this function, never loads TensorFlow (organtrain.search.job).
+        from organtrain.search.trial import run_trial
+
         run_trial(config, job, organ)
 
     trainable.__name__ = trainable.__qualname__ = f"train_{organ}"
+    trainable.__mixins__ = (WaitForPreviousTrial,)
     return trainable
+
+
+# Seconds a reused worker waits for its previous trial's training thread to end.
+REUSE_WAIT_S = 300
+
+
+class WaitForPreviousTrial:
+    """Mixed into the organ's trainable (Tune's `__mixins__` hook), so that the organ's
+    next trial can reuse a worker whose previous trial Tune has just stopped.
+
+    Tune stops a function trial by releasing its training thread into a SystemExit, then
+    waits TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s unless set) for the thread to end before
+    handing the worker to the next trial; if it has not ended, that next trial fails with
+    "Trainable runner reuse requires reset_config()". Unwinding model.fit (cancelling the
+    input pipeline's reader threads, freeing the model) took 2.2 and 8.1 s on 2 busy
+    cores, so on a loaded node trials failed at random. The wait stays bounded: a thread
+    that never ends still fails the trial, with Tune's error.
+    """
+
+    def reset_config(self, new_config):
+        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
+        return super().reset_config(new_config)
+
+
+def trial_identities(grid) -> dict[str, results.TrialIdentity]:
+    """Each trial's id and configuration as Tune's saved experiment state records them, by
+    trial folder name. A Result's metrics (and the config Tune derives from them) are not
+    enough: when a trial fails to start on a reused worker, Tune hands it the worker's
+    previous result, i.e. another trial's id and configuration."""
+    analysis = tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    return {
+        Path(t.path).name: results.TrialIdentity(t.trial_id, dict(t.config))
+        for t in analysis.trials
+    }
 
 
 def prune_checkpoints(grid, metric: str, mode: str) -> None:
@@ -263,6 +302,9 @@ def evaluate_trial(
 ) -> dict:
     """The chosen model's one look at the test split; publishes the organ's results."""
     import keras
+
+    from organtrain.checkpoint import TrainingState
+    from organtrain.train import finish
 
     started = time.monotonic()
     cfg = trial_config(job.cfg, values, source=f"chosen trial of {organ}")

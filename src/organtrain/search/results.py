@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +66,38 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def trial_rows(results, *, run_id: str, organ: str, metric: str, mode: str, epochs: int):
-    """One dict per trial of a Tune ResultGrid (errored trials included)."""
+@dataclass(frozen=True)
+class TrialIdentity:
+    """Which trial a Tune result belongs to, from Tune's experiment state."""
+
+    trial_id: str
+    config: dict
+
+
+def trial_rows(
+    results,
+    identities: dict[str, TrialIdentity],
+    *,
+    run_id: str,
+    organ: str,
+    metric: str,
+    mode: str,
+    epochs: int,
+):
+    """One dict per trial of a Tune ResultGrid (errored trials included).
+
+    A row's id and configuration are the trial's own (`identities`, by trial folder
+    name); its figures come only from results the trial itself reported (they carry its
+    trial id). A trial that failed before reporting keeps its id and configuration and
+    gets no figures, never those of the trial that used its worker before."""
     rows = []
     for result in results:
+        name = Path(result.path).name
+        identity = identities.get(name) or TrialIdentity(name, dict(result.config or {}))
         m = result.metrics or {}
-        frame = result.metrics_dataframe
+        if m.get("trial_id") != identity.trial_id:
+            m = {}  # another trial's result: this trial reported nothing of its own
+        frame = result.metrics_dataframe if m else None
         values = (
             frame[metric].to_numpy(dtype=float)
             if frame is not None and metric in frame
@@ -78,7 +105,7 @@ def trial_rows(results, *, run_id: str, organ: str, metric: str, mode: str, epoc
         )
         values = values[np.isfinite(values)]
         best_at = (np.argmin if mode == "min" else np.argmax)(values) if values.size else None
-        asked = int(result.config.get("train.epochs", epochs))
+        asked = int(identity.config.get("train.epochs", epochs))
         ran = int(m.get("epoch", 0))
         if result.error is not None:
             reason = "error"
@@ -93,7 +120,7 @@ def trial_rows(results, *, run_id: str, organ: str, metric: str, mode: str, epoc
                 "run_id": run_id,
                 "organ": organ,
                 "trained_organ": m.get("trained_organ"),
-                "trial_id": str(m.get("trial_id") or Path(result.path).name),
+                "trial_id": identity.trial_id,
                 "status": "error" if result.error is not None else "terminated",
                 "stop_reason": reason,
                 "epochs": ran,
@@ -106,8 +133,8 @@ def trial_rows(results, *, run_id: str, organ: str, metric: str, mode: str, epoc
                 "started": float(m.get("trial_started") or math.nan),
                 "ended": float(m.get("timestamp") or math.nan),
                 "error": _error_text(result.error),
-                "config": json.dumps(result.config, sort_keys=True),
-                **{f"config/{k}": _column_value(v) for k, v in result.config.items()},
+                "config": json.dumps(identity.config, sort_keys=True),
+                **{f"config/{k}": _column_value(v) for k, v in identity.config.items()},
             }
         )
     return sorted(rows, key=lambda r: r["started"] if math.isfinite(r["started"]) else 0)

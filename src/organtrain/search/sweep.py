@@ -26,14 +26,13 @@ from organtrain.config import RunConfig
 from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import ConfigError, OrgantrainError
-from organtrain.search.trial import SweepJob, expected_replicas, progress_key
+from organtrain.search.job import SweepJob, expected_replicas, progress_key, trial_prefix
 from organtrain.storage import Storage, join_key, open_storage
 from organtrain.train import (
     RESULT,
     organ_lock,
     require_same_settings,
     run_lock,
-    trial_prefix,
     trial_settings,
 )
 
@@ -114,7 +113,7 @@ def _sweep_planned(
     watcher = _Watcher(storage, job, organs, rows, progress)
     if todo:
         _connect(address or cfg.resources.address, cfg)
-        _check_room(cfg)
+        _check_room(cfg, todo)
         _run_searches(job, todo, rows, watcher)
     ordered = [rows[organ] for organ in organs]
     from organtrain.search.results import summary_table
@@ -144,8 +143,10 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
 
     from organtrain.search.organ import search_organ
 
-    # The organ tasks only drive Tune: they take no CPU, so trials get all of it.
-    remote = ray.remote(search_organ).options(num_cpus=0, max_retries=0)
+    # The organ tasks only drive Tune: they take no CPU, so trials get all of it, and
+    # reserve the controller's memory (resources.search_memory_mb).
+    memory = job.cfg.resources.search_memory_mb * 2**20
+    remote = ray.remote(search_organ).options(num_cpus=0, memory=memory, max_retries=0)
     job = _fair_share(job, len(todo))
     job_ref = ray.put(job)
     pending = {remote.remote(job_ref, organ): organ for organ in todo}
@@ -178,17 +179,32 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
 
 def _fair_share(job: SweepJob, organs: int) -> SweepJob:
     """Without a limit, the first organ's Tune would take every free slot and the other
-    organs would wait for its trials; a share of the slots each keeps them all moving."""
-    import ray
+    organs would wait for its trials; a share of the slots each keeps them all moving.
+
+    Tune fixes the limit when an organ's search starts, so on a cluster that can grow the
+    share is of the slots it will have at its largest (its autoscaler's node types and
+    limits), not of the few it has when the sweep starts: each organ's trials wait for
+    the nodes the autoscaler adds for them. Where no bound is known (a node type without
+    a limit, or of a size set at launch) there is no cap: the trials wait, pending, and
+    the autoscaler grows the cluster for them as far as it may."""
+    from organtrain.search import capacity
 
     search = job.cfg.search
     if search.max_concurrent_trials:
         return job
-    r, total = job.cfg.resources, ray.cluster_resources()
-    slots = total.get("CPU", 1) // r.cpus_per_trial
-    if r.gpus_per_trial:
-        slots = min(slots, total.get("GPU", 0) // r.gpus_per_trial)
-    share = max(1, math.ceil(slots / organs))
+    r = job.cfg.resources
+    cluster = capacity.discover()
+    slots = capacity.slots_at_most(cluster, r.cpus_per_trial, r.gpus_per_trial)
+    share = capacity.share_per_organ(slots, organs)
+    if cluster.growable:
+        log.info(
+            "the Ray cluster can grow (%s: %s): %s",
+            cluster.source, capacity.describe_node_types(cluster) or "node types not visible",
+            "no limit known, so no cap on trials per organ" if share is None else
+            f"up to {slots} trial(s) at once, {share} per organ",
+        )  # fmt: skip
+    if share is None:
+        return job
     search = dataclasses.replace(search, max_concurrent_trials=share)
     return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, search=search))
 
@@ -334,19 +350,58 @@ def _connect(address: str | None, cfg: RunConfig) -> None:
         ) from None
 
 
-def _check_room(cfg: RunConfig) -> None:
-    """Tune would wait forever for a trial the cluster cannot hold: say so now."""
-    import ray
+def _check_room(cfg: RunConfig, organs: list[str]) -> None:
+    """Tune would wait forever for a trial no node can hold: say so now. On a cluster
+    that can grow, only a trial larger than every node type it may add is refused; while
+    no live node has room yet, ask its autoscaler for the organs' trials and wait."""
+    from organtrain.search import capacity
 
-    total = ray.cluster_resources()
     r = cfg.resources
-    for name, asked, what in (("CPU", r.cpus_per_trial, "cpus"), ("GPU", r.gpus_per_trial, "gpus")):
-        if asked > total.get(name, 0):
-            raise ConfigError(
-                f"resources.{what}_per_trial is {asked:g} but the Ray cluster has "
-                f"{total.get(name, 0):g} {name}(s) in all: no trial could ever start; lower it "
-                "or use a larger cluster"
-            )
+    cluster = capacity.discover()
+    if capacity.never_fits(cluster, r.cpus_per_trial, r.gpus_per_trial):
+        raise ConfigError(_no_room_message(cfg, cluster))
+    if capacity.slots_now(cluster, r.cpus_per_trial, r.gpus_per_trial):
+        return
+    slots = capacity.slots_at_most(cluster, r.cpus_per_trial, r.gpus_per_trial)
+    share = cfg.search.max_concurrent_trials or capacity.share_per_organ(slots, len(organs))
+    at_once = sum(min(share or math.inf, _trials_per_organ(cfg, organ)) for organ in organs)
+    capacity.wait_for_room(cluster, r.cpus_per_trial, r.gpus_per_trial, int(at_once))
+
+
+def _no_room_message(cfg: RunConfig, cluster) -> str:
+    """Names the field(s) no node can satisfy, and the nodes there are or may be."""
+    from organtrain.search import capacity
+
+    r = cfg.resources
+    sizes = [*cluster.nodes, *(t.resources for t in cluster.node_types if t.resources)]
+    asks = (("cpus", r.cpus_per_trial, "CPU"), ("gpus", r.gpus_per_trial, "GPU"))
+    too_large = [
+        f"resources.{what}_per_trial is {asked:g}"
+        for what, asked, name in asks
+        if asked and all(size.get(name, 0) < asked for size in sizes)
+    ] or [  # each fits some node alone, never both on one
+        f"resources.cpus_per_trial is {r.cpus_per_trial:g} with resources.gpus_per_trial "
+        f"{r.gpus_per_trial:g}"
+    ]  # fmt: skip
+    where = f"the Ray cluster has {capacity.describe_nodes(cluster.nodes)}"
+    if cluster.growable:
+        added = capacity.describe_node_types(cluster)
+        where += f"; its autoscaler can add {added}, read from {cluster.source}"
+    else:
+        where += "; it cannot add nodes"
+    return (
+        f"{' and '.join(too_large)}, but no node can hold such a trial ({where}). No "
+        "trial could ever start (a trial runs on one node): lower it to what one node "
+        "holds, or use a cluster with larger nodes"
+    )
+
+
+def _trials_per_organ(cfg: RunConfig, organ: str) -> int:
+    """samples × grid points: how many trials one organ's search has in all."""
+    from organtrain.search.space import organ_space
+
+    grid = [len(d.values) for d in organ_space(cfg, organ).values() if d.kind == "grid"]
+    return cfg.search.samples * math.prod(grid)
 
 
 def _now() -> str:

@@ -13,16 +13,15 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
 from organtrain.checkpoint import TrainingState
-from organtrain.config import RunConfig
+from organtrain.data.cache import shard_read_errors
 from organtrain.data.dataset import load_dataset
+from organtrain.search.job import MODEL_FILE, STATE_FILE, SweepJob
 from organtrain.search.space import trial_config
-from organtrain.storage import Storage, join_key, open_storage
 from organtrain.strategy import make_strategy
 from organtrain.train import (
     ReseedEachEpoch,
@@ -32,38 +31,9 @@ from organtrain.train import (
     trial_settings,
 )
 
-MODEL_FILE = "model.keras"
-STATE_FILE = "state.json"
-
-
-@dataclass(frozen=True)
-class SweepJob:
-    """What every task of a sweep needs; put in Ray's object store once."""
-
-    cfg: RunConfig  # the job's configuration, storage.uri made absolute
-    run_id: str
-    dataset_version: str  # pinned when the sweep started: a resumed sweep uses the same
-    expected_replicas: int  # what each trial's MirroredStrategy must span
-
-    def storage(self) -> Storage:
-        s = self.cfg.storage
-        return open_storage(s.uri, endpoint_url=s.endpoint_url, region=s.region)
-
-
-def progress_key(run_id: str, organ: str) -> str:
-    """Where an organ's search publishes its progress (organ.ProgressCallback) for the
-    driver and `organtrain status`."""
-    return join_key("runs", run_id, "progress", f"{organ}.json")
-
-
-def expected_replicas(cfg: RunConfig) -> int:
-    """GPUs per trial when trials get GPUs (a fraction shares one), else cpu_replicas."""
-    gpus = cfg.resources.gpus_per_trial
-    return max(1, int(gpus)) if gpus > 0 else cfg.train.cpu_replicas
-
 
 def run_trial(config: dict, job: SweepJob, organ: str) -> None:
-    """The Tune function trainable (bound to job and organ by tune.with_parameters)."""
+    """One trial, run by the organ's Tune trainable (`organ.organ_trainable`) in its worker."""
     from ray import tune
 
     cfg = trial_config(job.cfg, config, source=f"trial of {organ}")
@@ -107,16 +77,17 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
                 os.path.join(trial_dir, "tensorboard"), write_graph=False, profile_batch=0
             )
         )
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.train.epochs,
-        initial_epoch=state.epoch,
-        steps_per_epoch=steps_per_epoch(index, organ, global_batch),  # one stream of epochs
-        callbacks=callbacks,
-        shuffle=False,  # the pipeline shuffles
-        verbose=0,
-    )
+    with shard_read_errors():  # a damaged shard is named, not a bare DataLossError
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.train.epochs,
+            initial_epoch=state.epoch,
+            steps_per_epoch=steps_per_epoch(index, organ, global_batch),  # one stream
+            callbacks=callbacks,
+            shuffle=False,  # the pipeline shuffles
+            verbose=0,
+        )
 
 
 class ReportToTune(keras.callbacks.Callback):
