@@ -10,6 +10,8 @@
 #   ReturnToService=2        a node that went down comes back by itself when slurmd returns
 #   SlurmUser=root           jobs run as the caller (root in CI)
 #   127.0.0.1 addresses      no dependence on how (or whether) the host name resolves
+#   PreemptMode=CANCEL       a job in partition `urgent` preempts the default partition's
+#                            jobs the way most clusters do: SIGTERM, no warning signal
 set -euo pipefail
 
 STATE=${ORGANTRAIN_SLURM_STATE:-/var/tmp/organtrain-slurm}
@@ -79,7 +81,10 @@ JobCompType=jobcomp/none
 MinJobAge=600
 KillWait=30
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$memory_mib State=UNKNOWN
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=urgent Nodes=$HOST PriorityTier=2 MaxTime=INFINITE State=UP
 EOF
 )
 restart=0

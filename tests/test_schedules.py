@@ -6,21 +6,30 @@ starts one with .ci/slurm-up.sh); elsewhere that part skips with its reason.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
+
+from organtrain.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = ROOT / "jobs" / "schedules"
 NIGHTLY_CONFIG = "jobs/nightly.yaml"
 NIGHTLY_COMMAND = f"organtrain nightly --config {NIGHTLY_CONFIG}"
 RESUBMIT = SCHEDULES / "nightly-resubmit.sbatch"
+RAY_LAUNCHER = ROOT / "slurm" / "organtrain-ray.sbatch"
+# The CI node has 2 CPUs and no GPU: `sbatch --test-only` of the nightly's own resources
+# (checked against jobs/nightly.yaml below) is given these instead.
+SMALL_NODE = ("--cpus-per-task=1", "--gpus-per-node=0")
 
 # minute, hour, day of month, month, day of week (0 and 7 are Sunday)
 CRON_FIELDS = [(0, 59, {}), (0, 23, {}), (1, 31, {}), (1, 12, {}), (0, 7, {})]
@@ -147,6 +156,48 @@ def test_scrontab_entry():
     assert all(line.startswith("#SCRON") for line in lines[-1 - len(options) : -1])
 
 
+def _sbatch_directives(script: Path) -> list[str]:
+    return re.findall(r"^#SBATCH\s+(\S+)", script.read_text(), flags=re.M)
+
+
+def _scrontab_nightly_submission() -> tuple[list[str], str]:
+    """The scrontab entry's `sbatch OPTIONS SCRIPT ...`: its options and script."""
+    ((_, command),) = cron_entries(SCHEDULES / "scrontab")
+    words = shlex.split(command[command.index("sbatch ") :])
+    script = next(w for w in words if w.endswith(".sbatch"))
+    return words[1 : words.index(script)], script
+
+
+def _resources(options: list[str]) -> dict[str, str]:
+    """sbatch options as {name: value}, a later one overriding an earlier (as sbatch does
+    with the command line over #SBATCH lines)."""
+    return dict(o.split("=", 1) if "=" in o else (o, "") for o in options)
+
+
+def _gpus_per_node(resources: dict[str, str]) -> int:
+    if "--gpus-per-node" in resources:
+        return int(resources["--gpus-per-node"].rsplit(":", 1)[-1])
+    if resources.get("--gres", "").startswith("gpu"):
+        return int(resources["--gres"].rsplit(":", 1)[-1])
+    return 0
+
+
+@pytest.mark.parametrize("schedule", ["scrontab", "nightly-resubmit.sbatch"])
+def test_the_nightly_gets_the_resources_of_one_trial_of_its_job_file(schedule):
+    """The nightly's allocation holds one trial of jobs/nightly.yaml: with fewer CPUs or
+    GPUs than a trial asks, the sweep refuses and the nightly exits 2 every night."""
+    wanted = load_config(ROOT / NIGHTLY_CONFIG).resources
+    if schedule == "scrontab":  # sbatch OPTIONS slurm/organtrain-ray.sbatch: both count
+        options, script = _scrontab_nightly_submission()
+        assert script == "slurm/organtrain-ray.sbatch"
+        resources = _resources(_sbatch_directives(RAY_LAUNCHER) + options)
+    else:  # it runs the launcher inside its own allocation: its #SBATCH lines count
+        resources = _resources(_sbatch_directives(RESUBMIT))
+    assert resources.get("--nodes", "1") == "1"  # one node: the CPUs below are per node
+    assert int(resources["--cpus-per-task"]) >= math.ceil(wanted.cpus_per_trial), resources
+    assert _gpus_per_node(resources) >= math.ceil(wanted.gpus_per_trial), resources
+
+
 # --- sbatch scripts ------------------------------------------------------------------
 
 
@@ -191,11 +242,15 @@ def test_sbatch_accepts_the_options(tmp_path):
     reason = _slurm_answers()
     if reason:
         pytest.skip(reason)
-    result = _test_only(RESUBMIT)
+    result = _test_only(RESUBMIT, *SMALL_NODE)
     assert result.returncode == 0, result.stderr
     assert "to start at" in result.stderr
     # the next run's submission
-    result = _test_only(RESUBMIT, "--begin=now+1day", "--dependency=singleton")
+    result = _test_only(RESUBMIT, *SMALL_NODE, "--begin=now+86400", "--dependency=singleton")
+    assert result.returncode == 0, result.stderr
+    # the nightly the scrontab entry submits
+    options, script = _scrontab_nightly_submission()
+    result = _test_only(ROOT / script, *options, *SMALL_NODE)
     assert result.returncode == 0, result.stderr
     # the scrontab entry's #SCRON lines are sbatch options: same check
     script = tmp_path / "scron.sh"
@@ -245,7 +300,10 @@ def test_resubmit_queues_the_next_run_once(tmp_path, queued):
     submits = [line for line in log if line.startswith("sbatch ")]
     if queued == "100\n":  # only this job: queue the next
         assert len(submits) == 1
-        assert "--begin=" in submits[0] and "--dependency=singleton" in submits[0]
+        assert "--dependency=singleton" in submits[0]
+        # relative to now (unambiguous whatever the clocks do), a day ahead at most
+        begin = re.search(r"--begin=now\+(\d+) ", submits[0])
+        assert begin and 60 < int(begin[1]) <= 86400 + 3600, submits[0]
         assert "--job-name=organtrain-nightly" in submits[0]
         assert re.search(r"ORGANTRAIN_NIGHTLY_DATE=\d{4}-\d\d-\d\d", submits[0])
         assert submits[0].endswith("nightly-resubmit.sbatch --set search.samples=2")
@@ -253,6 +311,55 @@ def test_resubmit_queues_the_next_run_once(tmp_path, queued):
         assert submits == []
     assert log[-1] == (
         "launcher nightly --config jobs/nightly.yaml --date 2031-01-02 --set search.samples=2"
+    )
+
+
+# --- the next run's start, across daylight-saving changes ------------------------------
+
+
+def _next_start(tz: str, now: str, at: str) -> subprocess.CompletedProcess:
+    """The resubmit script's own next_start (sourcing it defines it and runs nothing), under
+    the time zone `tz`, for the instant `now` (ISO 8601 with its UTC offset)."""
+    epoch = int(datetime.fromisoformat(now).timestamp())
+    return subprocess.run(
+        ["bash", "-c", f"source {shlex.quote(str(RESUBMIT))} && next_start {epoch} {at}"],
+        env={**os.environ, "TZ": tz}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tz", "now", "at", "expected"),
+    [
+        # The day before the clocks skip 02:00 (`date -d "tomorrow 02:00"` failed, and the
+        # chain with it): the next run starts as they jump, 03:00 CEST.
+        ("Europe/Berlin", "2026-03-28T02:00:05+01:00", "02:00", "2026-03-29T03:00:00+02:00"),
+        ("Europe/Berlin", "2026-03-28T02:30:05+01:00", "02:30", "2026-03-29T03:30:00+02:00"),
+        ("America/New_York", "2026-03-07T02:00:05-05:00", "02:00", "2026-03-08T03:00:00-04:00"),
+        # The run of that day (`date -d "today 02:00"` failed): tomorrow's 02:00.
+        ("Europe/Berlin", "2026-03-29T03:00:05+02:00", "02:00", "2026-03-30T02:00:00+02:00"),
+        # The clocks go back over 02:00 (Berlin) or 01:30 (New York): the first of the two,
+        # and the run at the first is not followed by another at the second, an hour later.
+        ("Europe/Berlin", "2026-10-24T02:00:05+02:00", "02:00", "2026-10-25T02:00:00+02:00"),
+        ("Europe/Berlin", "2026-10-25T02:00:05+02:00", "02:00", "2026-10-26T02:00:00+01:00"),
+        ("America/New_York", "2026-10-31T01:30:05-04:00", "01:30", "2026-11-01T01:30:00-04:00"),
+        ("America/New_York", "2026-11-01T01:30:05-04:00", "01:30", "2026-11-02T01:30:00-05:00"),
+        # Ordinary days: started in the evening, and a minute before the hour.
+        ("America/New_York", "2026-06-15T20:00:00-04:00", "02:00", "2026-06-16T02:00:00-04:00"),
+        ("UTC", "2026-01-01T01:59:30+00:00", "02:00", "2026-01-02T02:00:00+00:00"),
+    ],
+)
+def test_next_start_across_daylight_saving_changes(tz, now, at, expected):
+    result = _next_start(tz, now, at)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == datetime.fromisoformat(expected).timestamp()
+
+
+@pytest.mark.parametrize("at", ["2:00", "24:00", "02:60", "2am", ""])
+def test_next_start_refuses_a_malformed_time(at):
+    result = _next_start("UTC", "2026-01-01T12:00:00+00:00", shlex.quote(at))
+    assert result.returncode == 2 and not result.stdout
+    assert f"ORGANTRAIN_NIGHTLY_AT={at}: give the local time of the nightly as HH:MM" in (
+        result.stderr
     )
 
 
