@@ -3,24 +3,31 @@
 Builds one synthetic lung image tree, prepares it into TFRecord shards, and measures on the
 same images, side by side in one process:
 
-  (a) organtrain's training pipeline with the default augmentation, unseeded (parallel map)
-      and seeded (seed=0: one batch at a time, the reproducible path the trainer takes);
+  (a) organtrain's training pipeline with the default augmentation, unseeded and seeded
+      (seed=0, the reproducible path the trainer takes): both map batches in parallel
+      through the fused, XLA-compiled augmentation, with tf.data's autotuning off. For
+      comparison, seeded: through the augmentation layers' own ops (the ops that
+      `augment.placement: model` runs on the accelerator), with autotuning off and on
+      (on: the pipeline before issue 18), and the fused path with autotuning on;
   (b) tf_keras' ImageDataGenerator.flow_from_directory with the same knobs (the baseline);
   (c) decode only: shard read + parse + decode + resize, no augmentation, no cache (ceiling);
-  (d) training steps/s of simple_cnn fed from the shard pipeline vs from in-memory tensors.
+  (d) training steps/s of simple_cnn fed from the shard pipeline vs from in-memory tensors
+      (only up to `--train-max-size`, 64 px by default: slow at 224 px on a CPU).
 
 Two more rows give context: the cached pipeline without augmentation (what (d) trains on,
-so the cost of augmenting shows), and training fed from the augmented pipeline (what the
-trainer really does on a CPU).
+so the cost of augmenting shows; it is also all the CPU does per batch when augmentation
+runs in the model), and training fed from the augmented pipeline (what the trainer really
+does on a CPU).
 
 Every subject runs one warm-up epoch first (it fills tf.data's cache, traces tf.functions,
-warms the page cache), then the subjects take turns, one full epoch each per round, in a
-rotating order, so that load from other jobs on a shared machine falls on all of them
-alike. Reported figures are medians over the rounds; "cores" is the process' CPU time per
-wall-clock second during the epoch (below the machine's core count when other jobs take a
-share, or when the subject cannot use them all).
+compiles XLA, warms the page cache), then the subjects take turns, one full epoch each per
+round, in a rotating order, so that load from other jobs on a shared machine falls on all
+of them alike. Reported figures are medians over the rounds, and per-round ratios (paired:
+measured next to each other). Per round and subject, "cores" is the process' CPU time per
+wall-clock second of the epoch and "others" the rest of the machine's (see `Measurement`):
+the two tell a subject that cannot use the cores from one that other jobs crowded out.
 
-    python bench/input_pipeline.py --out bench/results.json
+    python bench/input_pipeline.py --image-size 64 224 --repeats 11 --out bench/results.json
 
 Needs scipy and tf-keras (installed without dependencies: see `make bench`).
 """
@@ -66,9 +73,23 @@ TARGET_AUGMENTED_VS_IDG = 5.0  # (a) / (b)
 TARGET_SHARD_VS_MEMORY = 0.9  # (d) shard-fed / in-memory steps/s
 
 
+def machine_busy_seconds() -> float:
+    """CPU-seconds every core of the machine has spent busy since boot (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal
+
+
 @dataclass
 class Measurement:
-    """One subject: `epoch()` runs one full steady-state epoch and returns (items, seconds)."""
+    """One subject: `epoch()` runs one full steady-state epoch and returns (items, seconds).
+
+    Per round it records the rate, the cores this process used ("cores": its CPU time per
+    second of the epoch, every thread, TF's pools included), the cores the rest of the
+    machine used meanwhile ("others": whole-machine busy time from /proc/stat minus this
+    process'), and the 1-minute load average after the epoch. cores + others below the
+    machine's core count means a core stood idle while the subject ran.
+    """
 
     key: str
     label: str
@@ -77,11 +98,18 @@ class Measurement:
     rates: list[float] = field(default_factory=list)
     items: list[int] = field(default_factory=list)
     cores: list[float] = field(default_factory=list)
+    others: list[float] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
 
     def run(self) -> None:
-        cpu_before = time.process_time()  # every thread of the process, TF's pools included
+        cpu_before, busy_before = time.process_time(), machine_busy_seconds()
+        start = time.perf_counter()
         count, seconds = self.epoch()
-        self.cores.append((time.process_time() - cpu_before) / seconds)
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_before
+        self.cores.append(cpu / seconds)
+        self.others.append(max(machine_busy_seconds() - busy_before - cpu, 0.0) / wall)
+        self.load.append(os.getloadavg()[0])
         self.items.append(count)
         self.rates.append(count / seconds)
 
@@ -96,6 +124,13 @@ class Measurement:
             "items_per_epoch": self.items,
             "cores_median": statistics.median(self.cores),
             "cores": self.cores,
+            "others_cores": self.others,
+            # Cores nobody used while the subject ran: > 0.5 means it left a core idle.
+            "idle_cores": [
+                max(len(os.sched_getaffinity(0)) - c - o, 0.0)
+                for c, o in zip(self.cores, self.others, strict=True)
+            ],
+            "loadavg_1min": self.load,
         }
 
 
@@ -139,13 +174,14 @@ def organtrain_dataset(
     cache: bool = True,
     augment_seed: int | None = None,
     augment: bool = True,
+    fused: bool = True,
 ) -> tf.data.Dataset:
     """organtrain's build_dataset over all the shards, as the trainer calls it for training."""
     transform = None
     if augment:
 
         def transform(ds: tf.data.Dataset) -> tf.data.Dataset:
-            return augment_in_dataset(ds, AugmentConfig(), seed=augment_seed)
+            return augment_in_dataset(ds, AugmentConfig(), seed=augment_seed, fused=fused)
 
     return build_dataset(
         data.files,
@@ -179,15 +215,33 @@ def _warmed_up(measurement: Measurement) -> Measurement:
 
 
 def time_organtrain_pipeline(
-    data: BenchData, args: argparse.Namespace, *, seed: int | None
+    data: BenchData,
+    args: argparse.Namespace,
+    *,
+    seed: int | None,
+    fused: bool = True,
+    autotune: bool = False,
 ) -> Measurement:
-    """(a) The training pipeline with the default augmentation: shards → cache → augment."""
-    ds = organtrain_dataset(data, args, augment_seed=seed)
+    """(a) The training pipeline with the default augmentation: shards → cache → augment.
+
+    For comparison, `fused=False`: the augmentation layers' own ops, one after the other
+    (what `augment.placement: model` runs). `autotune=True` turns tf.data's autotuning
+    back on; with `fused=False` too, that is the pipeline as it was before issue 18 (which
+    also had AUTOTUNE where the parallelism is now a number).
+    """
+    ds = organtrain_dataset(data, args, augment_seed=seed, fused=fused)
+    key = f"organtrain_augment_seed_{seed}" + ("" if fused else "_layer_ops")
+    how = "fused, XLA" if fused else "the layers' own ops"
+    if autotune:
+        options = tf.data.Options()
+        options.autotune.enabled = True  # overrides build_dataset's setting
+        ds = ds.with_options(options)
+        key, how = key + "_autotune", how + ", tf.data autotuning on"
     path = "unseeded" if seed is None else "seeded per batch, the trainer's path"
     return _warmed_up(
         Measurement(
-            f"organtrain_augment_seed_{seed}",
-            f"organtrain, default augmentation, seed={seed} ({path})",
+            key,
+            f"organtrain, default augmentation ({how}), seed={seed} ({path})",
             "images/s",
             _dataset_epoch(ds),
         )
@@ -381,30 +435,57 @@ def machine() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "tf_keras": tf_keras.__version__,
+        # 0 = TensorFlow's default: one thread per core for each pool.
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
     }
 
 
 def ratios(results: dict[str, dict]) -> dict:
-    def ratio(numerator: str, denominator: str, target: float) -> dict:
-        value = results[numerator]["median"] / results[denominator]["median"]
-        return {"value": value, "target": target, "met": value >= target}
+    """Ratios of medians, and the paired per-round ratios (subjects of one round ran next
+    to each other, so the load on the machine was about the same): "every round" targets
+    are judged on those."""
 
-    return {
-        "augmented_seed_None_vs_image_data_generator": ratio(
-            "organtrain_augment_seed_None", "image_data_generator", TARGET_AUGMENTED_VS_IDG
-        ),
-        "augmented_seed_0_vs_image_data_generator": ratio(
-            "organtrain_augment_seed_0", "image_data_generator", TARGET_AUGMENTED_VS_IDG
-        ),
-        "train_shards_vs_memory": ratio(
+    def ratio(numerator: str, denominator: str, target: float | None) -> dict:
+        top, bottom = results[numerator], results[denominator]
+        paired = [a / b for a, b in zip(top["rates"], bottom["rates"], strict=True)]
+        found = {
+            "value": top["median"] / bottom["median"],
+            "paired": paired,
+            "paired_min": min(paired),
+        }
+        if target is not None:
+            met = sum(value >= target for value in paired)
+            found.update(
+                target=target,
+                met=found["value"] >= target,
+                rounds_met=f"{met} of {len(paired)}",
+            )
+        return found
+
+    found = {}
+    for seed in (None, 0):
+        found[f"augmented_seed_{seed}_vs_image_data_generator"] = ratio(
+            f"organtrain_augment_seed_{seed}", "image_data_generator", TARGET_AUGMENTED_VS_IDG
+        )
+    # Without issue 18's changes, side by side in the same rounds: the layers' own ops
+    # (static parallelism), and those with tf.data's autotuning as before.
+    for variant in ("layer_ops", "layer_ops_autotune"):
+        found[f"augmented_{variant}_seed_0_vs_image_data_generator"] = ratio(
+            f"organtrain_augment_seed_0_{variant}", "image_data_generator", TARGET_AUGMENTED_VS_IDG
+        )
+    found["fused_vs_layer_ops_seed_0"] = ratio(
+        "organtrain_augment_seed_0", "organtrain_augment_seed_0_layer_ops", None
+    )
+    if "train_from_shards" in results:
+        found["train_shards_vs_memory"] = ratio(
             "train_from_shards", "train_from_memory", TARGET_SHARD_VS_MEMORY
-        ),
+        )
         # No target: how much augmenting on the training cores costs (context for (d)).
-        "train_augmented_shards_vs_memory": {
-            "value": results["train_from_augmented_shards"]["median"]
-            / results["train_from_memory"]["median"]
-        },
-    }
+        found["train_augmented_shards_vs_memory"] = ratio(
+            "train_from_augmented_shards", "train_from_memory", None
+        )
+    return found
 
 
 def print_table(results: dict[str, dict], found: dict, repeats: int) -> None:
@@ -416,12 +497,17 @@ def print_table(results: dict[str, dict], found: dict, repeats: int) -> None:
             f"  {r['label']:<{width}}  {r['median']:9.1f} {r['unit']:<9} "
             f"{r['cores_median']:4.1f} cores  ({spread})"
         )
+        cores = " ".join(
+            f"{c:.2f}+{o:.2f}" for c, o in zip(r["cores"], r["others_cores"], strict=True)
+        )
+        print(f"  {'':<{width}}  per round, cores + others: {cores}")
     print()
     for name, r in found.items():
         verdict = ""
         if "target" in r:
-            verdict = f"  (target >= {r['target']:g}: {'met' if r['met'] else 'NOT met'})"
-        print(f"  {name:<46} {r['value']:6.2f}{verdict}")
+            verdict = f"  (target >= {r['target']:g}: {'met' if r['met'] else 'NOT met'}"
+            verdict += f"; paired rounds met {r['rounds_met']}, min {r['paired_min']:.2f})"
+        print(f"  {name:<50} {r['value']:6.2f}{verdict}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -432,35 +518,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=400,
         help="synthetic lung images per diagnosis (3 diagnoses; default %(default)s)",
     )
-    parser.add_argument("--image-size", type=int, default=64, help="pixels (default 64)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="pixels; several sizes run one after the other, each with its own data (default 64)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="default 32")
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed epochs per subject (default 3)"
+    )
+    parser.add_argument(
+        "--train-max-size",
+        type=int,
+        default=64,
+        help="run (d), the training subjects, only at image sizes up to this (default 64: "
+        "at 224 px simple_cnn trains for minutes per round on a CPU; 0 leaves (d) out)",
     )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_size(args: argparse.Namespace, image_size: int) -> dict:
+    """Every subject at one image size, in rotating rounds; the report for that size."""
+    args = argparse.Namespace(**{**vars(args), "image_size": image_size})
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="organtrain-bench-") as tmp:
         t0 = time.perf_counter()
-        data = build_data(Path(tmp), args.images_per_diagnosis, args.image_size)
+        data = build_data(Path(tmp), args.images_per_diagnosis, image_size)
         print(
             f"{data.num_images} {ORGAN} images in {len(data.files)} shard(s), "
-            f"{args.image_size}px, prepared in {time.perf_counter() - t0:.0f}s; warming up",
+            f"{image_size}px, prepared in {time.perf_counter() - t0:.0f}s; warming up",
             flush=True,
         )
         subjects = [
             time_organtrain_pipeline(data, args, seed=None),
             time_organtrain_pipeline(data, args, seed=0),
+            time_organtrain_pipeline(data, args, seed=0, fused=False),
+            time_organtrain_pipeline(data, args, seed=0, fused=False, autotune=True),
+            time_organtrain_pipeline(data, args, seed=0, autotune=True),
             time_organtrain_no_augmentation(data, args),
             time_image_data_generator(data, args),
             time_decode_only(data, args),
-            *time_training_steps(data, args),
         ]
+        if image_size <= args.train_max_size:
+            subjects += time_training_steps(data, args)
         for round_ in range(args.repeats):
             # Rotate the order each round so no subject always follows the same neighbour.
             shift = round_ % len(subjects)
@@ -470,26 +574,33 @@ def main(argv: list[str] | None = None) -> int:
     results = {s.key: s.summary() for s in subjects}
     found = ratios(results)
     print_table(results, found, args.repeats)
-    report = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    return {
         "date_utc": started.isoformat(timespec="seconds"),
         "seconds": round(
             (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1
         ),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
-        "machine": machine(),
         "settings": {
             "organ": ORGAN,
             "images": data.num_images,
             "shards": len(data.files),
             "images_per_diagnosis": args.images_per_diagnosis,
-            "image_size": args.image_size,
+            "image_size": image_size,
             "batch_size": args.batch_size,
             "repeats": args.repeats,
         },
         "results": results,
         "ratios": found,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "runs": [run_size(args, size) for size in args.image_size],
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

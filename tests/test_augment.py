@@ -272,6 +272,85 @@ def test_one_resample_matches_image_data_generator(fill_mode):
         ours = [np.radians(theta), ty, tx, zy, zx, -1 if flip_v else 1, -1 if flip_h else 1]
         out = transformed(image[None].astype("float32"), [ours], fill_mode)[0]
         np.testing.assert_allclose(out, expected, atol=0.01)
+        # The dataset path's compiled resample (`augment_in_dataset`) too.
+        matrices = affine_matrices(np.asarray([ours], "float32"), size, size)
+        geometry = (fill_mode, 0.0, "bilinear")
+        fused = augment._augment_batch(
+            image[None].astype("float32"), matrices, None, geometry, None
+        )
+        np.testing.assert_allclose(fused[0], expected, atol=0.01)
+
+
+FILL_MODES = ["nearest", "reflect", "wrap", "constant"]
+
+
+def far_reaching_matrices(n: int, height: int, width: int) -> tf.Tensor:
+    """Affine matrices that read well outside the image, so every fill mode shows."""
+    rng = np.random.default_rng(5)
+    parameters = np.stack(
+        [
+            rng.uniform(-np.pi, np.pi, n),  # angle
+            rng.uniform(-1.5, 1.5, n) * height,  # shift_rows
+            rng.uniform(-1.5, 1.5, n) * width,  # shift_cols
+            rng.uniform(0.4, 2.5, n),  # zoom_rows
+            rng.uniform(0.4, 2.5, n),  # zoom_cols
+            rng.choice([-1.0, 1.0], n),
+            rng.choice([-1.0, 1.0], n),
+        ],
+        axis=1,
+    ).astype("float32")
+    return affine_matrices(parameters, height, width)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_affine_resample_is_the_transform_op_bit_for_bit(interpolation):
+    # Run as plain TF ops, the function the dataset path compiles computes exactly what
+    # ImageProjectiveTransformV3 (keras' affine_transform) computes: same points, fills,
+    # weights. Non-square, so rows and columns cannot be swapped unnoticed.
+    images = np.random.default_rng(3).uniform(0, 255, (12, 20, 27, 3)).astype("float32")
+    matrices = far_reaching_matrices(len(images), 20, 27)
+    for fill_mode in FILL_MODES:
+        settings = {"fill_mode": fill_mode, "fill_value": 7.0, "interpolation": interpolation}
+        expected = keras.ops.image.affine_transform(images, matrices, **settings)
+        ours = augment.affine_resample(tf.constant(images), matrices, **settings)
+        np.testing.assert_array_equal(ours, keras.ops.convert_to_numpy(expected), fill_mode)
+
+
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_dataset_path_draws_and_samples_as_the_layers_do(fill_mode):
+    # The fused, compiled dataset path against the layers' own ops, batch for batch: the
+    # same draws from the same seeds and the same pixels, up to float rounding of the
+    # sampled point (XLA may fuse a multiply-add) times the brightness factor.
+    images = np.random.default_rng(4).uniform(0, 255, (24, 32, 32, 3)).astype("float32")
+    cfg = AugmentConfig(fill_mode=fill_mode, cval=5.0)
+
+    def run(fused: bool) -> np.ndarray:
+        ds = tf.data.Dataset.from_tensor_slices((images, np.arange(24))).batch(8)
+        ds = augment_in_dataset(ds, cfg, seed=2, first_step=0, fused=fused)
+        return np.concatenate([batch[0] for batch in ds.as_numpy_iterator()])
+
+    fused, layer_ops = run(fused=True), run(fused=False)
+    np.testing.assert_allclose(fused, layer_ops, atol=0.05)
+    assert not np.allclose(fused, images)
+
+
+def test_dataset_path_is_one_compiled_function_without_the_transform_op():
+    # What makes the CPU path cheap (bench/RESULTS.md): the map calls one XLA-compiled
+    # function, gathers and all, instead of ImageProjectiveTransformV3, which costs ~3x
+    # the CPU per 224-px image. A TensorFlow that cannot compile would silently take the
+    # slow path: this build must not.
+    assert augment._xla_compiles()
+    ds = tf.data.Dataset.from_tensor_slices((pattern(8, 16), np.arange(8))).batch(4)
+    mapped = augment_in_dataset(ds, AugmentConfig(), seed=0)
+    graph = mapped._map_func.function.graph  # the map's traced function (private API)
+    assert "ImageProjectiveTransformV3" not in {op.type for op in graph.get_operations()}
+    compiled = [
+        function
+        for function in graph.as_graph_def().library.function
+        if function.attr["_XlaMustCompile"].b
+    ]
+    assert len(compiled) == 1
+    assert "GatherV2" in {node.op for node in compiled[0].node_def}
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -78,6 +78,37 @@ def test_training_pipeline_shuffles_drops_ragged_batch_and_augments(local_datase
     assert len(seen) == 1 and float(next(iter(plain))[0][0, 0, 0, 0]) != 7  # eval: never augmented
 
 
+# Where each parallel tf.data op takes its num_parallel_calls, among its inputs.
+PARALLEL_CALLS_INPUT = {"ParallelMapDatasetV2": -1, "ParallelBatchDataset": 2}
+
+
+def parallel_calls(ds: tf.data.Dataset) -> dict[str, list[int]]:
+    """num_parallel_calls of each parallel map and batch of `ds`, by op (AUTOTUNE is -1)."""
+    graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())  # private API
+    nodes = {node.name: node for node in graph.node}
+    calls: dict[str, list[int]] = {}
+    for node in graph.node:
+        if node.op in PARALLEL_CALLS_INPUT:
+            value = nodes[node.input[PARALLEL_CALLS_INPUT[node.op]]].attr["value"].tensor
+            calls.setdefault(node.op, []).append(int(tf.make_ndarray(value)))
+    return calls
+
+
+def test_pipelines_run_on_the_cores_given_without_autotuning(local_dataset, monkeypatch):
+    # tf.data's autotuning left whole 224-px epochs on one core of two, idle machine or
+    # not (bench/RESULTS.md): it is off, and each parallel stage runs as many calls as the
+    # cores TensorFlow was given (a Ray trial sets them from resources.cpus_per_trial).
+    store, index = local_dataset
+    files = shard_files(store, index, "lung", "train")
+    monkeypatch.setattr(tf.config.threading, "get_inter_op_parallelism_threads", lambda: 3)
+    for training in (True, False):
+        ds = build_dataset(files, image_size=16, batch_size=4, training=training, seed=1)
+        assert ds.options().autotune.enabled is False
+        # Decode and batch: no AUTOTUNE left to resolve.
+        assert parallel_calls(ds) == {"ParallelMapDatasetV2": [3], "ParallelBatchDataset": [3]}
+    assert len(list(ds)) > 0
+
+
 def test_non_square_images_are_centre_cropped(local_dataset):
     store, index = local_dataset
     # Find the wide image wherever its split put it, and look at it through the pipeline.

@@ -8,6 +8,9 @@ Seeded, the training batches repeat bit for bit: parallel reads and decodes keep
 order (`deterministic=True`), and every shuffle is seeded from (seed, epoch) rather than
 reshuffled from a stream that advances with each new iterator (see `build_dataset`).
 
+Parallelism is static, not autotuned: every parallel stage runs `cores_given()` calls at
+once (see `_static_parallelism` for why).
+
 Images leave the pipeline as float32 in 0..255: each model rescales or applies its own
 `preprocess_input` as its first layers, so a saved model takes raw pixels.
 """
@@ -15,6 +18,7 @@ Images leave the pipeline as float32 in 0..255: each model rescales or applies i
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -25,8 +29,10 @@ from organtrain.data.dataset import DatasetIndex
 from organtrain.data.shards import IMAGE_ENCODED, LABEL, SHA256, SOURCE_KEY, feature_spec
 from organtrain.storage import Storage
 
-AUTOTUNE = tf.data.AUTOTUNE
 BatchTransform = Callable[[tf.data.Dataset], tf.data.Dataset]
+# Batches ready ahead of the consumer: enough to hide a slow batch, few enough that 224-px
+# batches (19 MB each at 32 images) do not pile up.
+PREFETCH_BATCHES = 2
 
 
 def shard_files(
@@ -69,13 +75,14 @@ def build_dataset(
     """
     if with_keys and training:
         raise ValueError("with_keys is for evaluation: training batches carry no keys")
+    parallel = cores_given()
     if not training:
         ds = _images(tf.data.Dataset.from_tensor_slices(files), len(files), image_size,
                      num_images, with_keys)  # fmt: skip
         if cache_images:
             ds = ds.cache()  # after decode and resize: later epochs skip both
-        ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE)
-        return ds.prefetch(AUTOTUNE)
+        ds = ds.batch(batch_size, num_parallel_calls=parallel)
+        return _static_parallelism(ds.prefetch(PREFETCH_BATCHES))
 
     def read(epoch: int) -> tf.data.Dataset:
         order = tf.data.Dataset.from_tensor_slices(files)
@@ -96,7 +103,7 @@ def build_dataset(
             shuffle_buffer, seed=_epoch_seed(seed, epoch, stream=1), reshuffle_each_iteration=False
         )
         # Drop the ragged last batch so every replica gets an equal share.
-        return ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=True, num_parallel_calls=parallel)
 
     # One dataset per epoch, chained: each epoch's seeds are Python ints. (A tensor epoch
     # in flat_map would need tensor shuffle seeds, which tf.data rejects when the global
@@ -110,7 +117,32 @@ def build_dataset(
         ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
     if augment is not None:
         ds = augment(ds)
-    return ds.prefetch(AUTOTUNE)
+    return _static_parallelism(ds.prefetch(PREFETCH_BATCHES))
+
+
+def cores_given() -> int:
+    """The cores this process may use: TensorFlow's inter-op thread count when it is set
+    (a Ray trial sets it from `resources.cpus_per_trial`), else the CPUs it may run on."""
+    threads = tf.config.threading.get_inter_op_parallelism_threads()
+    if threads > 0:
+        return threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _static_parallelism(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Turn tf.data's autotuning off for the whole pipeline.
+
+    Inside tf.data each map call runs its ops on one thread (tf.data caps intra-op
+    parallelism at 1), so a pipeline uses as many cores as it has calls in flight. With
+    autotuning on, on 2 idle cores, whole epochs ran at one core (1.0 cores, half the images
+    per second) in about half of them, and did so even with every parallelism and buffer
+    fixed by hand; with it off, every epoch used both (bench/RESULTS.md, "224 px and the
+    cores"). Off, a stage given AUTOTUNE (the augmentation's map) runs as many calls as
+    TensorFlow has inter-op threads, which is `cores_given()`.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
 
 
 def _images(
@@ -126,13 +158,15 @@ def _images(
     out in order. With `False` (faster when one element stalls) the order depends on thread
     timing, and so did every seeded shuffle, batch and weight update after it.
     """
+    # Reading waits on the disk more than on a core: every file in the cycle reads at once.
     ds = files.interleave(
         tf.data.TFRecordDataset,
         cycle_length=min(num_files, 8),
-        num_parallel_calls=AUTOTUNE,
+        num_parallel_calls=min(num_files, 8),
         deterministic=True,
     )
-    ds = ds.map(_decoder(image_size, with_keys), num_parallel_calls=AUTOTUNE, deterministic=True)
+    decode = _decoder(image_size, with_keys)
+    ds = ds.map(decode, num_parallel_calls=cores_given(), deterministic=True)
     if num_images is not None:
         ds = ds.apply(tf.data.experimental.assert_cardinality(num_images))
     return ds
