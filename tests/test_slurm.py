@@ -382,8 +382,8 @@ def test_one_organ_job_preempted_is_requeued_and_resumes(job_file, tmp_path):
     first, second, third = ("\n".join(_launcher_lines(log, n)) for n in range(3))
     assert "SIGUSR1 received" in first and "organtrain exited with 130" in first, log
     assert "requeueing job" in first
-    # SLURM's SIGTERM reaches organtrain too; `train` dies of it (143) instead of saving
-    # the epoch in progress, which the next run does again.
+    # SLURM's SIGTERM reaches organtrain too: `train` stops as on Ctrl-C (130), releasing
+    # its organ's lock; the next run redoes the epoch that was in progress.
     assert "SIGTERM received" in second, log
     assert re.search(r"organtrain exited with (130|143)", second), log
     assert "SLURM requeues job" in second and "requeueing job" not in second, log

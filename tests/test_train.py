@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,6 +142,30 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_job):
     assert state["epoch"] == 6 and len(state["history"]["loss"]) == 6
     assert "test accuracy" in output
     assert os.path.exists(store.path(f"{trial_prefix('resume', 'lung')}/result.json"))
+
+
+def test_sigterm_stops_training_like_ctrl_c_and_frees_the_organ(tiny_job):
+    """SLURM's preemption and `scancel` send SIGTERM: train exits 130 with its checkpoint
+    and releases the organ's lock, so a requeued job on another node starts at once (a
+    lock left by a killed process on another host is only taken over after 10 minutes)."""
+    cfg = load_config(tiny_job)
+    store = LocalStorage(cfg.storage.uri)
+    state_key = f"{trial_prefix('sigterm', 'lung')}/checkpoint/state.json"
+    command = [sys.executable, "-m", "organtrain", "train", "--config", str(tiny_job),
+               "--organ", "lung", "--run-id", "sigterm", "--set", "train.epochs=50"]  # fmt: skip
+    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not store.exists(state_key):
+        assert train.poll() is None, train.stdout.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    assert store.exists("locks/runs/sigterm/lung.json")
+    train.send_signal(signal.SIGTERM)
+    output = train.communicate(timeout=120)[0].decode()
+    assert train.returncode == 130, output
+    assert "interrupted; re-run the same command to continue" in output
+    assert not store.exists("locks/runs/sigterm/lung.json")
+    assert 1 <= json.loads(store.get_bytes(state_key))["epoch"] < 50
 
 
 # The smallest run that still exercises every random part: 2 replicas, augmentation on (in

@@ -7,10 +7,12 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 
 from organtrain.config import RunConfig, load_config
 from organtrain.errors import ConfigError, OrgantrainError
+from organtrain.signals import interrupt_on
 
 log = logging.getLogger("organtrain")
 
@@ -20,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     try:
-        code = args.run(args)
+        with interrupt_on(signal.SIGTERM):  # preemption, scancel: exit 130, locks released
+            code = args.run(args)
     except OrgantrainError as err:
         print(f"organtrain: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)

@@ -27,6 +27,7 @@ from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import ConfigError, OrgantrainError
 from organtrain.search.job import SweepJob, expected_replicas, progress_key, trial_prefix
+from organtrain.signals import interrupt_on
 from organtrain.storage import Storage, join_key, open_storage
 from organtrain.train import (
     RESULT,
@@ -155,26 +156,25 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
         len(todo), ", ".join(todo), job.cfg.search.samples,
         "" if not _has_grid(job) else " per grid point",
     )  # fmt: skip
-    previous = _stop_signals_interrupt()
+    # SIGUSR1 too: SLURM's warning before the time limit. Every epoch is checkpointed, so
+    # stopping now and running the same command later loses at most the epochs in flight.
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
-            for ref in ready:
-                organ = pending.pop(ref)
-                try:
-                    rows[organ] = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    rows[organ] = _failed_row(job, organ, err)
-                watcher.organ_finished(organ)
-            watcher.poll()
+        with interrupt_on(signal.SIGTERM, signal.SIGUSR1):
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+                for ref in ready:
+                    organ = pending.pop(ref)
+                    try:
+                        rows[organ] = ray.get(ref)
+                    except ray.exceptions.RayError as err:
+                        rows[organ] = _failed_row(job, organ, err)
+                    watcher.organ_finished(organ)
+                watcher.poll()
     except KeyboardInterrupt:
         watcher.write_status("interrupted")
         for ref in pending:
             ray.cancel(ref)
         raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _fair_share(job: SweepJob, organs: int) -> SweepJob:
@@ -207,22 +207,6 @@ def _fair_share(job: SweepJob, organs: int) -> SweepJob:
         return job
     search = dataclasses.replace(search, max_concurrent_trials=share)
     return dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, search=search))
-
-
-def _stop_signals_interrupt() -> dict:
-    """SIGTERM (scancel, Kubernetes) and SIGUSR1 (SLURM's warning before the time limit)
-    stop the driver like Ctrl-C: every epoch is already checkpointed, so stopping now and
-    running the same command later loses at most the epochs in flight."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        # Outside the main thread (a notebook worker) signals cannot be caught: leave them.
-        with contextlib.suppress(ValueError):
-            previous[signum] = signal.signal(signum, interrupt)
-    return previous
 
 
 def _failed_row(job: SweepJob, organ: str, err: Exception) -> dict:
