@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tinyrun import write_many_organs  # the tests' organs: one definition
+from tinyrun import many_organs_job, write_many_organs  # the tests' organs and job
 
 ORGANS = [f"organ{i:02d}" for i in range(12)]
 
@@ -104,20 +104,7 @@ def growth(runs: list[dict]) -> dict:
 
 
 def write_job(root: Path, cpus: int) -> Path:
-    job = {
-        "name": "organs",
-        "storage": {"uri": str(root / "store")},
-        "prepare": {"source": str(root / "src"), "dataset": "organs", "test_fraction": 0.25,
-                    "val_fraction": 0.25, "min_images_per_diagnosis": 2,
-                    "max_image_side": 32, "images_per_shard": 16},
-        "input": {"image_size": 32, "batch_size": 4, "shuffle_buffer": 32},
-        "augment": {"rotation_range": 0, "width_shift_range": 0, "height_shift_range": 0,
-                    "zoom_range": 0},
-        "model": {"name": "simple_cnn", "filters": [8], "dense_units": 8},
-        "train": {"epochs": 2, "early_stopping_patience": 0},
-        "search": {"samples": 1, "scheduler": "fifo"},
-        "resources": {"local_cpus": cpus, "cpus_per_trial": 1},
-    }  # fmt: skip
+    job = many_organs_job(root, search={"samples": 1, "scheduler": "fifo"}, local_cpus=cpus)
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tinyrun import write_many_organs
+from tinyrun import many_organs_job, write_many_organs
 
 from organtrain.cli import main
 from organtrain.data.manifest import read_parquet
@@ -31,24 +31,13 @@ TRIAL_FOLDER = re.compile(r"^train_(?P<organ>organ\d)_(?P<trial_id>[0-9a-f]+_\d{
 def job(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("organs")
     write_many_organs(root / "src", ORGANS)
-    job = {
-        "name": "organs",
-        "storage": {"uri": str(root / "store")},
-        "prepare": {"source": str(root / "src"), "dataset": "organs", "test_fraction": 0.25,
-                    "val_fraction": 0.25, "min_images_per_diagnosis": 2,
-                    "max_image_side": 32, "images_per_shard": 16},
-        "input": {"image_size": 32, "batch_size": 4, "shuffle_buffer": 32},
-        "augment": {"rotation_range": 0, "width_shift_range": 0, "height_shift_range": 0,
-                    "zoom_range": 0},
-        "model": {"name": "simple_cnn", "filters": [8], "dense_units": 8},
-        "train": {"epochs": 2, "early_stopping_patience": 0},
-        # ASHA stops trailing trials after one epoch, and the organ's next trial reuses
-        # the stopped one's worker; a killed worker's trial is retried once.
-        "search": {"samples": 2, "scheduler": "asha", "grace_period": 1,
-                   "reduction_factor": 2, "max_failures": 1,
-                   "space": {"train.learning_rate": {"loguniform": [1e-3, 1e-2]}}},
-        "resources": {"local_cpus": 2, "cpus_per_trial": 1},
+    # ASHA stops trailing trials after one epoch, and the organ's next trial reuses the
+    # stopped one's worker; a killed worker's trial is retried once.
+    search = {
+        "samples": 2, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+        "max_failures": 1, "space": {"train.learning_rate": {"loguniform": [1e-3, 1e-2]}},
     }  # fmt: skip
+    job = many_organs_job(root, search=search)
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     assert main(["prepare", "--config", str(path), "--no-progress"]) == 0

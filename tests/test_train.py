@@ -117,18 +117,24 @@ def test_early_stopping_on_validation_loss(tiny_job):
     assert result.stopped_early and result.epochs_run < 6
 
 
+def start_until_checkpoint(command: list[str], store, state_key: str) -> subprocess.Popen:
+    """Start `organtrain train` and return it, running, once its first epoch is saved."""
+    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not store.exists(state_key):
+        assert train.poll() is None, train.stdout.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    return train
+
+
 def test_killed_training_resumes_from_its_checkpoint(tiny_job):
     cfg = load_config(tiny_job)
     store = LocalStorage(cfg.storage.uri)
     state_key = f"{trial_prefix('resume', 'lung')}/checkpoint/state.json"
     command = [sys.executable, "-m", "organtrain", "train", "--config", str(tiny_job),
                "--organ", "lung", "--run-id", "resume", "--set", "train.epochs=6"]  # fmt: skip
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while not store.exists(state_key):
-        assert first.poll() is None, first.stdout.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
+    first = start_until_checkpoint(command, store, state_key)
     first.kill()  # SIGKILL: no handler runs, as when a node is lost
     first.wait()
     done = json.loads(store.get_bytes(state_key))["epoch"]
@@ -153,12 +159,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_frees_the_organ(tiny_job):
     state_key = f"{trial_prefix('sigterm', 'lung')}/checkpoint/state.json"
     command = [sys.executable, "-m", "organtrain", "train", "--config", str(tiny_job),
                "--organ", "lung", "--run-id", "sigterm", "--set", "train.epochs=50"]  # fmt: skip
-    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while not store.exists(state_key):
-        assert train.poll() is None, train.stdout.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
+    train = start_until_checkpoint(command, store, state_key)
     assert store.exists("locks/runs/sigterm/lung.json")
     train.send_signal(signal.SIGTERM)
     output = train.communicate(timeout=120)[0].decode()

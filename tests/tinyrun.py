@@ -75,3 +75,22 @@ def write_many_organs(out: Path, names: list[str], *, images_per_diagnosis: int 
         )  # fmt: skip
         (drawn / recipe).rename(out / name)
         drawn.rmdir()
+
+
+def many_organs_job(root: Path, *, search: dict, local_cpus: int = 2) -> dict:
+    """A tiny sweep over the organs `write_many_organs` put under <root>/src: 32-px
+    images, a one-layer CNN, 2 epochs, 1 CPU per trial."""
+    return {
+        "name": "organs",
+        "storage": {"uri": str(root / "store")},
+        "prepare": {"source": str(root / "src"), "dataset": "organs", "test_fraction": 0.25,
+                    "val_fraction": 0.25, "min_images_per_diagnosis": 2,
+                    "max_image_side": 32, "images_per_shard": 16},
+        "input": {"image_size": 32, "batch_size": 4, "shuffle_buffer": 32},
+        "augment": {"rotation_range": 0, "width_shift_range": 0, "height_shift_range": 0,
+                    "zoom_range": 0},
+        "model": {"name": "simple_cnn", "filters": [8], "dense_units": 8},
+        "train": {"epochs": 2, "early_stopping_patience": 0},
+        "search": search,
+        "resources": {"local_cpus": local_cpus, "cpus_per_trial": 1},
+    }  # fmt: skip
