@@ -370,6 +370,12 @@ def _documents(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((SCHEDULES / name).read_text()) if d]
 
 
+def check_shell_syntax(script: str) -> None:
+    """`sh -n`: the script parses (nothing runs)."""
+    done = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_k8s_cronjob():
     (cronjob,) = _documents("k8s-cronjob.yaml")
     assert cronjob["apiVersion"] == "batch/v1"
@@ -384,8 +390,19 @@ def test_k8s_cronjob():
     assert pod["restartPolicy"] in {"Never", "OnFailure"}
     (container,) = pod["containers"]
     command = " ".join(container.get("command", []) + container.get("args", []))
-    assert re.search(r"ray job submit --address http://\S+-head-svc:8265 --wait", command)
-    assert NIGHTLY_COMMAND in command
+    # The submitter pattern: a night's job named after its date (fixed at submission),
+    # submitted without waiting, then followed; the pod's status is the job's.
+    assert re.search(r"address=http://\S+-head-svc:8265", command)
+    assert re.search(
+        r'ray job submit --address "\$address" --no-wait --submission-id "\$id"', command
+    )
+    assert 'id="organtrain-nightly-$night"' in command and "night=$(date -u +%F)" in command
+    assert f"{NIGHTLY_COMMAND} --date $night" in command
+    assert 'ray job logs --address "$address" --follow "$id"' in command
+    assert "*SUCCEEDED*) exit 0" in command
+    # Ray 2.60's `ray job submit` has no --wait option (it waits unless --no-wait).
+    assert " --wait" not in command
+    check_shell_syntax(container["command"][-1])
     text = (SCHEDULES / "k8s-cronjob.yaml").read_text()
     assert not re.search(r"(?i)aws_secret_access_key|secretKey:|access_key", text)
 
