@@ -135,3 +135,19 @@ def test_rayjob_entrypoint_runs_a_sweep_on_a_job_file_of_this_repo():
     cfg = load_config(local, overrides)  # loads, with the entrypoint's overrides applied
     assert cfg.resources.gpus_per_trial >= 1
     assert cfg.storage.uri.startswith("s3://")
+
+
+DOCUMENTED_SUBMITS = ["README.md", "cluster/README.md", "cluster/aws-gpu.yaml",
+                      "cluster/gcp-gpu.yaml", "cluster/kuberay/raycluster.yaml"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_SUBMITS)
+def test_documented_job_submissions_start_a_command(name):
+    """`ray job submit -- ARGS` runs shlex.join(ARGS) in a shell: an entrypoint quoted as
+    one word ('cd dir && organtrain ...') is looked up as a single command name and exits
+    127. Each documented entrypoint must start with a command word (e.g. `bash -c '...'`)."""
+    text = (REPO / name).read_text()
+    entrypoints = re.findall(r"ray job submit [^\n]*-- \\\n#?\s*(\S+)", text)
+    assert entrypoints, f"no `ray job submit ... -- \\` found in {name}"
+    for first in entrypoints:
+        assert not first.startswith(("'", '"')), f"{name}: quoted entrypoint {first}..."
