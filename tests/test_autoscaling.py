@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_sweep import JOB as SWEEP_JOB
 
 from organtrain.cli import main
 from organtrain.data.manifest import read_parquet
@@ -53,18 +54,14 @@ WORKER_TYPES = {
         "max_workers": 1,
     }
 }
+# The sweep tests' tiny job, one epoch of one trial with one replica.
 JOB = {
+    **SWEEP_JOB,
     "name": "grow",
-    "prepare": {"dataset": "tiny", "test_fraction": 0.25, "val_fraction": 0.25,
-                "min_images_per_diagnosis": 5, "max_image_side": 32, "images_per_shard": 8},
-    "input": {"image_size": 32, "batch_size": 4, "shuffle_buffer": 64},
-    "augment": {"rotation_range": 0, "width_shift_range": 0, "height_shift_range": 0,
-                "zoom_range": 0},
-    "model": {"name": "simple_cnn", "filters": [8, 16], "dense_units": 16},
     "train": {"epochs": 1, "early_stopping_patience": 0, "cpu_replicas": 1},
     "search": {"samples": 1},
     "resources": {"cpus_per_trial": 1},
-}  # fmt: skip
+}
 
 
 def _free_port() -> int:
