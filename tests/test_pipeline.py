@@ -1,6 +1,5 @@
 """The node-local shard cache and the tf.data pipeline, on real prepared shards."""
 
-import gc
 import multiprocessing
 
 import numpy as np
@@ -162,10 +161,9 @@ def _fetch(args):
 def test_concurrent_trials_download_a_shard_once(s3_dataset):
     store, index = s3_dataset
     shard = index.shards_for("lung", "train")[0]
-    # Garbage left by earlier TensorFlow work is collected here, where TensorFlow's threads
-    # run: a forked child collecting it would wait forever on locks those threads held.
-    gc.collect()
-    with multiprocessing.get_context("fork").Pool(4) as pool:
+    # Spawned, not forked: a child forked from a process that ran TensorFlow can wait
+    # forever on locks held by TensorFlow's threads, which the child does not have.
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
         downloaded = pool.map(_fetch, [(store.uri, shard.key)] * 8)
     assert sum(downloaded) == 1
 

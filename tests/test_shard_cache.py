@@ -103,21 +103,31 @@ def bytes_read() -> int:
 
 def _trial(store_uri: str) -> tuple[int, int, int]:
     """What a trial does before training, in its own process: open its organ's shards.
-    Returns (shards hashed, shards downloaded, bytes read)."""
+    Returns (shards hashed, shards downloaded, bytes read). The hashes are counted by a
+    spy around the real sha256_file, installed here, in the trial's own process."""
+    hashed: list[str] = []
+    real = cache.sha256_file
+
+    def spy(path):
+        hashed.append(str(path))
+        return real(path)
+
     store = open_storage(store_uri)
     index = load_dataset(store, CFG.dataset)
-    hashed_before, read_before = len(HASHED), bytes_read()
-    opened = [local_shard(store, index, s) for s in index.shards_for(ORGAN, SPLIT)]
+    cache.sha256_file, read_before = spy, bytes_read()
+    try:
+        opened = [local_shard(store, index, s) for s in index.shards_for(ORGAN, SPLIT)]
+    finally:
+        cache.sha256_file = real
     downloaded = sum(o.downloaded for o in opened)
-    return len(HASHED) - hashed_before, downloaded, bytes_read() - read_before
+    return len(hashed), downloaded, bytes_read() - read_before
 
 
 def _trials(store, n: int) -> list[tuple[int, int, int]]:
-    """`n` trials starting together on this node, each in its own (forked) process."""
-    # Garbage left by earlier TensorFlow work is collected here, where TensorFlow's threads
-    # run: a forked child collecting it would wait forever on locks those threads held.
-    gc.collect()
-    with multiprocessing.get_context("fork").Pool(n) as pool:
+    """`n` trials starting together on this node, each in its own process. Spawned, not
+    forked: a child forked from a process that ran TensorFlow can wait forever on locks
+    held by TensorFlow's threads, which the child does not have (a CI run hung here)."""
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
         return pool.map(_trial, [store.uri] * n)
 
 
