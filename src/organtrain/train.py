@@ -181,20 +181,9 @@ def _train_organ(
     with strategy.scope():
         model = _model(cfg, storage, prefix, state, len(classes))
     if state.epoch < cfg.train.epochs and not state.stopped_early:
-        with shard_read_errors():  # a damaged shard is named, not a bare DataLossError
-            model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=cfg.train.epochs,
-                initial_epoch=state.epoch,
-                steps_per_epoch=steps_per_epoch(index, organ, global_batch),
-                callbacks=[
-                    ReseedEachEpoch(cfg.train.seed),
-                    DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience),
-                ],
-                shuffle=False,  # the pipeline shuffles
-                verbose=verbose,
-            )
+        callbacks = [DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience)]
+        fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch, callbacks,
+            verbose=verbose)  # fmt: skip
     best = load_checkpoint(storage, prefix, state.best)
     return finish(cfg, storage, prefix, run_id, organ, index, classes, best, state,
                    replicas, global_batch, started)  # fmt: skip
@@ -235,6 +224,35 @@ def datasets(
     n = index.split_size(organ, "val")
     val = build_dataset(val_files, num_images=n, training=False, **common) if val_files else None
     return train, val
+
+
+def fit(
+    model: keras.Model,
+    cfg: RunConfig,
+    index: DatasetIndex,
+    organ: str,
+    global_batch: int,
+    train_ds,
+    val_ds,
+    first_epoch: int,
+    callbacks: list,
+    *,
+    verbose: int,
+) -> None:
+    """Train from `first_epoch` to cfg.train.epochs, as `train` and a sweep's trial both do:
+    one stream of epochs (the pipeline shuffles), dropout reseeded each epoch, and a damaged
+    shard named (CorruptShardError), not a bare DataLossError."""
+    with shard_read_errors():
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.train.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch(index, organ, global_batch),
+            callbacks=[ReseedEachEpoch(cfg.train.seed), *callbacks],
+            shuffle=False,
+            verbose=verbose,
+        )
 
 
 def steps_per_epoch(index: DatasetIndex, organ: str, global_batch: int) -> int:

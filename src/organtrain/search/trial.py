@@ -18,18 +18,11 @@ from pathlib import Path
 import keras
 
 from organtrain.checkpoint import TrainingState
-from organtrain.data.cache import shard_read_errors
 from organtrain.data.dataset import load_dataset
 from organtrain.search.job import MODEL_FILE, STATE_FILE, SweepJob
 from organtrain.search.space import trial_config
 from organtrain.strategy import make_strategy
-from organtrain.train import (
-    ReseedEachEpoch,
-    compiled_model,
-    datasets,
-    steps_per_epoch,
-    trial_settings,
-)
+from organtrain.train import compiled_model, datasets, fit, trial_settings
 
 
 def run_trial(config: dict, job: SweepJob, organ: str) -> None:
@@ -66,10 +59,7 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
     state.starts.append(state.epoch)  # a resumed trial shows where it picked up
     # The epochs still to run; epoch k's batches and dropout depend only on (seed, k).
     train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch, state.epoch)
-    callbacks = [
-        ReseedEachEpoch(cfg.train.seed),
-        ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ),
-    ]
+    callbacks = [ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ)]
     trial_dir = tune.get_context().get_trial_dir()
     if trial_dir:
         callbacks.append(
@@ -77,17 +67,8 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
                 os.path.join(trial_dir, "tensorboard"), write_graph=False, profile_batch=0
             )
         )
-    with shard_read_errors():  # a damaged shard is named, not a bare DataLossError
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=cfg.train.epochs,
-            initial_epoch=state.epoch,
-            steps_per_epoch=steps_per_epoch(index, organ, global_batch),  # one stream
-            callbacks=callbacks,
-            shuffle=False,  # the pipeline shuffles
-            verbose=0,
-        )
+    fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch, callbacks,
+        verbose=0)  # fmt: skip
 
 
 class ReportToTune(keras.callbacks.Callback):
