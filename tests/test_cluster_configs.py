@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -68,12 +70,50 @@ def test_launcher_config_has_gpu_workers_autoscaling_and_installs_organtrain(nam
             assert node["guestAccelerators"][0]["acceleratorCount"] >= 1
             assert node["scheduling"]["onHostMaintenance"] == "TERMINATE"
     installs = " ".join(config["setup_commands"])
-    assert "pip install" in installs and "organtrain[gpu]" in installs
+    # gpu: TensorFlow's CUDA build; cluster: Ray's dashboard on the head, which
+    # `ray job submit` and `ray dashboard` need (ray[tune] alone starts it minimal).
+    assert "pip install" in installs and "organtrain[gpu,cluster]" in installs
     # The repository is mounted where setup_commands install it from.
     (repo_mount,) = [remote for remote, local in config["file_mounts"].items() if local == "."]
-    assert f"{repo_mount}[gpu]" in installs
+    assert f"{repo_mount}[gpu,cluster]" in installs
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert "ray stop" in command or "RAY_AUTH_MODE=token" in command
+
+
+def test_aws_nodes_boot_a_maintained_gpu_image_that_tensorflow_installs_on():
+    """Ray 2.60 turns `latest_dlami` into a 2021 Ubuntu 18.04 / CUDA 11.2 image (Python
+    3.6): TensorFlow 2.21 needs Python >= 3.10. The config looks up AWS's current base
+    GPU DLAMI (Ubuntu 22.04, current driver) at launch, through its public SSM parameter."""
+    from ray.autoscaler._private.aws import config as ray_aws
+
+    assert "18.04" in ray_aws.DEFAULT_AMI_NAME  # what latest_dlami would have meant
+    config = _load("aws-gpu.yaml")
+    for node_type in config["available_node_types"].values():
+        image = node_type["node_config"]["ImageId"]
+        assert image.lower() != "latest_dlami"
+        assert re.fullmatch(
+            r"resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+            r"base-oss-nvidia-driver-gpu-ubuntu-2[24]\.04/latest/ami-id",
+            image,
+        ), image
+
+
+def test_gcp_workers_start_ray_only_once_the_gpu_driver_answers(tmp_path):
+    """Deep Learning VM images install the driver at first boot, possibly after SSH is up;
+    Ray started before it would offer a GPU that TensorFlow cannot see. The wait really
+    waits: run it with an `nvidia-smi` that fails, then one that answers."""
+    config = _load("gcp-gpu.yaml")
+    (wait,) = [c for c in config["worker_setup_commands"] if "nvidia-smi" in c]
+    assert config["worker_setup_commands"].index(wait) == 0
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nexit 9\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    quick = wait.replace("timeout 900", "timeout 2").replace("sleep 10", "sleep 0.2")
+    failed = subprocess.run(["bash", "-c", quick], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "no NVIDIA driver" in failed.stderr
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    assert subprocess.run(["bash", "-c", quick], env=env).returncode == 0
 
 
 @pytest.mark.parametrize("name", LAUNCHER_CONFIGS)

@@ -70,7 +70,7 @@ def test_dependencies_are_installed_before_the_source_is_copied():
     assert "--no-deps" in last_arguments
 
 
-def test_the_dependency_list_is_the_projects_with_the_gpu_extra(tmp_path):
+def test_the_dependency_list_is_the_projects_with_the_gpu_and_cluster_extras(tmp_path):
     """The Dockerfile's own command, run by sh as Docker does, on this pyproject.toml."""
     _, arguments = _instructions()[_dependency_install()]
     listing = arguments.split("&&")[0].strip()  # python -c ... >/tmp/requirements.txt
@@ -82,9 +82,12 @@ def test_the_dependency_list_is_the_projects_with_the_gpu_extra(tmp_path):
     subprocess.run(["sh", "-c", listing], cwd=tmp_path, check=True, timeout=60)
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as in the image
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    expected = project["dependencies"] + project["optional-dependencies"]["gpu"]
+    extras = project["optional-dependencies"]
+    expected = project["dependencies"] + extras["gpu"] + extras["cluster"]
     assert output.read_text().splitlines() == expected
     assert any(line.startswith("tensorflow[and-cuda]") for line in expected)
+    # The head pod serves `ray job submit` (cluster/kuberay): Ray's dashboard, not minimal.
+    assert any(line.startswith("ray[default]") for line in expected)
 
 
 def _ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:

@@ -403,6 +403,17 @@ def test_k8s_cronjob():
     # Ray 2.60's `ray job submit` has no --wait option (it waits unless --no-wait).
     assert " --wait" not in command
     check_shell_syntax(container["command"][-1])
+    # The head service and the token Secret are the ones KubeRay makes for the shipped
+    # RayCluster: <name>-head-svc, and (authOptions: token) a Secret named <name> holding
+    # the token under auth_token (KubeRay's raycluster_controller createAuthSecret).
+    (raycluster,) = yaml.safe_load_all((ROOT / "cluster/kuberay/raycluster.yaml").read_text())
+    name = raycluster["metadata"]["name"]
+    assert raycluster["spec"]["authOptions"] == {"mode": "token"}
+    assert f"address=http://{name}-head-svc:8265" in command
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert (secret["name"], secret["key"]) == (name, "auth_token")
     text = (SCHEDULES / "k8s-cronjob.yaml").read_text()
     assert not re.search(r"(?i)aws_secret_access_key|secretKey:|access_key", text)
 
