@@ -51,6 +51,9 @@ class SeaweedFS:
     process: subprocess.Popen
     endpoint_url: str
     log_path: Path
+    # Prometheus metrics of the server: SeaweedFS_s3_request_total counts requests by bucket
+    # and type, so a test can count the GETs a command made (test_prepare_incremental.py).
+    metrics_url: str = ""
 
     def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
         return boto3.client(
@@ -71,7 +74,11 @@ class SeaweedFS:
                 self.process.wait()
 
 
-def start_seaweedfs(weed: str, workdir: Path, timeout: float = 60.0) -> SeaweedFS:
+def start_seaweedfs(
+    weed: str, workdir: Path, timeout: float = 60.0, *, log_requests: bool = False
+) -> SeaweedFS:
+    """`log_requests`: one line per S3 request in weed.log (method, bucket and key), so a
+    test can count the GETs of each object (test_multinode.py); verbose, so off by default."""
     workdir.mkdir(parents=True, exist_ok=True)
     identities = workdir / "s3-identities.json"
     identities.write_text(
@@ -94,7 +101,8 @@ def start_seaweedfs(weed: str, workdir: Path, timeout: float = 60.0) -> SeaweedF
             }
         )
     )
-    s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc = free_ports(8)
+    ports = free_ports(9)
+    s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc, metrics = ports
     command = [
         weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false",  # its default reports usage to an outside host
@@ -105,7 +113,10 @@ def start_seaweedfs(weed: str, workdir: Path, timeout: float = 60.0) -> SeaweedF
         "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra catalog servers we do not use
         # Every bucket is a collection with volumes of its own: small volumes, many allowed.
         "-master.volumeSizeLimitMB=64", "-volume.max=200",
+        f"-metricsPort={metrics}",
     ]  # fmt: skip
+    if log_requests:
+        command.insert(1, "-v=2")  # glog level 2 logs each request (stats.go)
     log_path = workdir / "weed.log"
     process = subprocess.Popen(
         command,
@@ -113,7 +124,9 @@ def start_seaweedfs(weed: str, workdir: Path, timeout: float = 60.0) -> SeaweedF
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so stop() kills all of it
     )
-    server = SeaweedFS(process, f"http://127.0.0.1:{s3}", log_path)
+    server = SeaweedFS(
+        process, f"http://127.0.0.1:{s3}", log_path, f"http://127.0.0.1:{metrics}/metrics"
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

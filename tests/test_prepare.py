@@ -82,7 +82,8 @@ def test_prepare_writes_manifest_shards_and_index(tmp_path):
     assert len(manifest) == 80
     assert set(manifest[0]) == {"key", "organ", "diagnosis", "label", "sha256", "width", "height",
                                 "mode", "bytes", "split", "duplicate_of", "shard", "group",
-                                "unit", "neardup_cluster", "signature", "metadata"}  # fmt: skip
+                                "unit", "neardup_cluster", "signature", "metadata",
+                                "encoded_width", "encoded_height", "source_tag"}  # fmt: skip
     for row in manifest:
         assert row["key"].startswith(f"{row['organ']}/{row['diagnosis']}/")
         assert row["label"] == ORGANS[row["organ"]].index(row["diagnosis"])

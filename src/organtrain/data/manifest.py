@@ -33,6 +33,13 @@ class ImageRow:
     neardup_cluster: str | None  # its near-duplicate cluster; None when it has no near copy
     signature: bytes  # near-duplicate signature (neardup.py), compared without the image
     metadata: str | None  # the groups table's other columns for this image, JSON
+    # What an incremental prepare (incremental.py) needs to reuse this row without reading
+    # the file: the size of the image in the shard, and the listing's tag (local mtime in ns,
+    # S3 ETag) when the file was read. Manifests written before these existed lack them:
+    # their files are read again once.
+    encoded_width: int
+    encoded_height: int
+    source_tag: str | None
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -54,6 +61,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("neardup_cluster", pa.string()),
         ("signature", pa.binary()),
         ("metadata", pa.string()),
+        ("encoded_width", pa.int32()),
+        ("encoded_height", pa.int32()),
+        ("source_tag", pa.string()),
     ]
 )
 
@@ -64,6 +74,8 @@ REJECTED_SCHEMA = pa.schema(
         ("diagnosis", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),
+        ("bytes", pa.int64()),  # with source_tag: set for files that failed their check
+        ("source_tag", pa.string()),
     ]
 )
 

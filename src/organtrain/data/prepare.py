@@ -1,10 +1,14 @@
 """`organtrain prepare`: image tree → manifest, split and checksummed TFRecord shards.
 
 Stages, each safe to interrupt:
-1. list the source (and the groups table) into candidate images;
-2. read the previous version's splits, so no existing image changes split;
-3. decode every image once, with its near-duplicate signature (bad files go to
-   rejected.parquet);
+1. list the source (and the groups table) into candidate images; when the listing (keys,
+   sizes, modification times or ETags, groups) and the settings are those the latest
+   version was prepared from, that version is the answer and no image is read
+   (incremental.py);
+2. read the previous version's splits, so no existing image changes split, and what it
+   learnt from each file, so unchanged files are not read again (`--rehash` reads all);
+3. decode every new or changed image once, with its near-duplicate signature (bad files go
+   to rejected.parquet);
 4. group and split (assign.py): groups, copies and near-duplicates share a split;
 5. name the version by hashing inputs, splits and settings; if it exists, check that its
    shards are all there and rewrite any that are not (from the source), then stop;
@@ -37,10 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from organtrain.config import PrepareConfig
-from organtrain.data import neardup
+from organtrain.data import incremental, neardup
 from organtrain.data.assign import Assigned, CheckedImage, PreviousSplits, assign
 from organtrain.data.dataset import (
     FORMAT,
@@ -56,6 +61,7 @@ from organtrain.data.dataset import (
 )
 from organtrain.data.groups import apply_group_table, load_group_table
 from organtrain.data.images import ImageRejected, normalise_image
+from organtrain.data.incremental import KnownFiles
 from organtrain.data.leakage import LeakageReport, check_leakage
 from organtrain.data.manifest import (
     ImageRow,
@@ -126,6 +132,17 @@ class Previous:
     splits: PreviousSplits
     same_rule: bool  # split by the same rule: inherit its splits
     rule: dict | None
+    index: DatasetIndex
+    manifest: pa.Table
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The source as listed: candidate images, files left out, and the listing's digest."""
+
+    candidates: list[Candidate]
+    rejected: list[Rejection]
+    digest: str | None  # incremental.listing_digest
 
 
 def prepare(
@@ -139,10 +156,22 @@ def prepare(
 
 
 def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress: bool):
-    candidates, rejected = _list_source(source, cfg)
-    previous = _previous_splits(dest, cfg)
+    listing = _list_source(source, cfg)
+    unchanged = None if cfg.rehash else _unchanged_version(dest, cfg, listing.digest)
+    if unchanged is not None:
+        result = _confirm_unchanged(source, dest, cfg, unchanged)
+        _point_latest(dest, cfg.dataset, result, listing.digest)
+        return result
+    rejected = listing.rejected
+    previous = _previous(dest, cfg)
+    known = (
+        incremental.known_files(dest, previous.index, previous.manifest, source, cfg,
+                                _settings(cfg))
+        if previous else None
+    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="organtrain-prepare-") as spool:
-        checked, bad = _check_images(source, candidates, cfg, Path(spool), progress)
+        checked, bad = _checked_images(source, listing.candidates, known, cfg, Path(spool),
+                                       progress)  # fmt: skip
         assignment = assign(
             checked,
             test_fraction=cfg.test_fraction,
@@ -175,6 +204,8 @@ def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress
             split_changes=changes,
         )
         if result.created:
+            _spool_known_images(source, dest, known, assignment, cfg, Path(spool))
+            tags = {c.key: c.tag for c in listing.candidates}
             _publish(
                 dest.sub(prefix),
                 assignment,
@@ -185,6 +216,7 @@ def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress
                 Path(spool),
                 progress,
                 changes,
+                tags,
             )
         else:
             repaired = _repair_missing_shards(source, dest, cfg.dataset, version, Path(spool))
@@ -195,11 +227,54 @@ def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress
                     cfg.dataset,
                     version,
                 )
-    _point_latest(dest, cfg.dataset, result)
+    _point_latest(dest, cfg.dataset, result, listing.digest)
     return result
 
 
-def _list_source(source: Storage, cfg: PrepareConfig):
+def _unchanged_version(dest: Storage, cfg: PrepareConfig, digest: str | None):
+    """The latest version and its rejected table, when the source's listing and the
+    settings are the ones it was prepared from; else None. Reads no image."""
+    if digest is None:
+        return None
+    pointer = _latest_pointer(dest, cfg.dataset)
+    if pointer is None or pointer.get("listing") != digest:
+        return None
+    try:
+        index = load_dataset(dest, cfg.dataset, pointer["version"])
+        prefix = dataset_prefix(cfg.dataset, index.version)
+        rejected = read_parquet(dest.get_bytes(join_key(prefix, REJECTED)))
+    except (DataError, ObjectNotFoundError):
+        return None  # an incomplete version: prepare it the long way
+    return index, rejected
+
+
+def _confirm_unchanged(source: Storage, dest: Storage, cfg: PrepareConfig, unchanged):
+    """The result of a prepare whose listing is the latest version's: that version, with any
+    missing shard rewritten (as when a full prepare finds its version already there)."""
+    index, rejected = unchanged
+    for item in index.excluded:
+        log.warning("left out: %s", item["reason"])
+    with tempfile.TemporaryDirectory(prefix="organtrain-prepare-") as spool:
+        repaired = _repair_missing_shards(source, dest, cfg.dataset, index.version, Path(spool))
+    if not repaired:
+        log.info("dataset %s version %s: the source is listed as it was prepared (same files, "
+                 "sizes and modification times/ETags); nothing read or written",
+                 cfg.dataset, index.version)  # fmt: skip
+    return PrepareResult(
+        dataset=cfg.dataset,
+        version=index.version,
+        uri=dest.url(dataset_prefix(cfg.dataset, index.version)),
+        created=False,
+        images=index.images,
+        rejected=rejected.num_rows,
+        rejected_reasons=dict(Counter(rejected.column("reason").to_pylist())),
+        organs={organ: o.diagnoses for organ, o in sorted(index.organs.items())},
+        excluded=index.excluded,
+        repaired=repaired,
+    )
+
+
+def _list_source(source: Storage, cfg: PrepareConfig) -> Listing:
     if isinstance(source, LocalStorage) and not source.root.is_dir():
         what = "is not a folder" if source.root.exists() else "does not exist"
         raise DataError(
@@ -227,7 +302,8 @@ def _list_source(source: Storage, cfg: PrepareConfig):
                 len(unmatched),
                 ", ".join(unmatched[:3]),
             )
-    return candidates, rejected
+    digest = incremental.listing_digest(source, candidates, rejected, _settings(cfg))
+    return Listing(candidates, rejected, digest)
 
 
 def split_rule(cfg: PrepareConfig) -> dict:
@@ -240,7 +316,7 @@ def split_rule(cfg: PrepareConfig) -> dict:
     }
 
 
-def _previous_splits(dest: Storage, cfg: PrepareConfig) -> Previous | None:
+def _previous(dest: Storage, cfg: PrepareConfig) -> Previous | None:
     try:
         index = load_dataset(dest, cfg.dataset)
     except DataError:
@@ -255,7 +331,7 @@ def _previous_splits(dest: Storage, cfg: PrepareConfig) -> Previous | None:
         zip(zip(columns["organ"], columns["sha256"], strict=True), columns["split"], strict=True)
     )
     rule = index.settings.get("split_rule")
-    return Previous(index.version, splits, rule == split_rule(cfg), rule)
+    return Previous(index.version, splits, rule == split_rule(cfg), rule, index, manifest)
 
 
 def _split_changes(previous: Previous | None, assignment, cfg: PrepareConfig) -> dict | None:
@@ -296,6 +372,22 @@ def _rule_change(old: dict | None, new: dict) -> str:
     return ", ".join(changed)
 
 
+def _checked_images(source, candidates, known: KnownFiles | None, cfg, spool, progress):
+    """Every candidate checked, in key order: from what the previous version learnt about
+    its file when the file is unchanged, else by reading it (_check_images)."""
+    if known is None:
+        return _check_images(source, candidates, cfg, spool, progress)
+    reused, reused_bad, to_read = known.sort(candidates, cfg.near_duplicates)
+    log.info(
+        "%d of %d file(s) unchanged since version %s: not read again; reading %d",
+        len(reused) + len(reused_bad), len(candidates), known.version, len(to_read),
+    )  # fmt: skip
+    checked, bad = _check_images(source, to_read, cfg, spool, progress)
+    # Key order, as a cold prepare lists them, so what follows cannot tell the difference.
+    checked = sorted(checked + reused, key=lambda c: c.key)
+    return checked, sorted(bad + reused_bad, key=lambda r: r.key)
+
+
 def _check_images(source, candidates, cfg, spool: Path, progress: bool):
     """Read, hash, decode and re-encode every candidate, in parallel threads.
 
@@ -315,8 +407,9 @@ def _check_images(source, candidates, cfg, spool: Path, progress: bool):
             )
         except ImageRejected as err:
             return Rejection(
-                candidate.key, err.reason, err.detail, candidate.organ, candidate.diagnosis
-            )
+                candidate.key, err.reason, err.detail, candidate.organ, candidate.diagnosis,
+                len(data), candidate.tag,
+            )  # fmt: skip
         _spool_write(spool / sha, image.encoded)
         return CheckedImage(
             candidate.key, candidate.organ, candidate.diagnosis, sha,
@@ -343,6 +436,39 @@ def _spool_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{id(data)}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _spool_known_images(source, dest, known: KnownFiles | None, assignment, cfg, spool: Path):
+    """The shard image of each file that was not read (unchanged since the previous
+    version), into the spool: copied from the previous version's shards, else (a shard
+    missing or damaged) read from the source."""
+    unread = {
+        r.image.sha256: r.image
+        for r in assignment.rows
+        if r.duplicate_of is None and not (spool / r.image.sha256).exists()
+    }
+    if not unread:
+        return
+    missing = set(unread)
+    if known is not None:
+        missing = known.copy_images(dest, missing, spool, _spool_write, min(cfg.workers, 4))
+    for sha in sorted(missing):
+        _spool_from_source(source, unread[sha], cfg, spool, known)
+
+
+def _spool_from_source(source, image: CheckedImage, cfg, spool: Path, known) -> None:
+    data = source.get_bytes(image.key)
+    if sha256_bytes(data) != image.sha256:
+        since = f"version {known.version} read it" if known else "it was listed"
+        raise DataError(
+            f"{source.url(image.key)} has changed since {since}, although its size and "
+            "modification time (S3: ETag) have not; run `organtrain prepare --rehash` to read "
+            "every file again"
+        )
+    encoded = normalise_image(
+        data, max_side=cfg.max_image_side, encoding=cfg.encoding, jpeg_quality=cfg.jpeg_quality
+    ).encoded
+    _spool_write(spool / image.sha256, encoded)
 
 
 def _version(rows: list[Assigned], rejected: list[Rejection], cfg: PrepareConfig) -> str:
@@ -372,12 +498,12 @@ def _settings(cfg: PrepareConfig) -> dict:
 
 
 def _publish(
-    out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes
+    out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes, tags
 ) -> None:
     written: list[str] = []  # keys this run wrote, none of them published yet
     try:
         _write_version(out, assignment, rejected, cfg, version, source, spool, progress,
-                       changes, written)  # fmt: skip
+                       changes, tags, written)  # fmt: skip
     except Exception:
         # A full disk, a refused upload, a leak: what this run wrote belongs to no
         # published version (dataset.json comes last), so it goes, and frees its space.
@@ -396,10 +522,11 @@ def _remove_unpublished(out: Storage, written: list[str]) -> None:
 
 
 def _write_version(
-    out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes, written
-) -> None:
+    out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes, tags,
+    written,
+) -> None:  # fmt: skip
     shard_of, shards = _write_shards(out, assignment, cfg, spool, progress, written)
-    rows = [_manifest_row(r, shard_of) for r in assignment.rows]
+    rows = [_manifest_row(r, shard_of, tags) for r in assignment.rows]
     leakage = _check_before_publishing(rows, cfg, out)
     written.append(MANIFEST)
     out.put_bytes(MANIFEST, parquet_bytes(manifest_table(rows)))
@@ -513,13 +640,14 @@ def _shard_record(row: Assigned, spool: Path, encoding: str) -> ShardRecord:
     )
 
 
-def _manifest_row(row: Assigned, shard_of: dict) -> ImageRow:
+def _manifest_row(row: Assigned, shard_of: dict, tags: dict[str, str | None]) -> ImageRow:
     i = row.image
     return ImageRow(
         key=i.key, organ=i.organ, diagnosis=i.diagnosis, label=row.label, sha256=i.sha256,
         width=i.width, height=i.height, mode=i.mode, bytes=i.bytes, split=row.split,
         duplicate_of=row.duplicate_of, shard=shard_of[(i.organ, i.sha256)], group=i.group,
         unit=row.unit, neardup_cluster=row.cluster, signature=i.signature, metadata=i.metadata,
+        encoded_width=i.encoded_width, encoded_height=i.encoded_height, source_tag=tags[i.key],
     )  # fmt: skip
 
 
@@ -543,13 +671,25 @@ def _organ_counts(assignment) -> dict[str, OrganIndex]:
     }
 
 
-def _point_latest(dest: Storage, dataset: str, result: PrepareResult) -> None:
+def _latest_pointer(dest: Storage, dataset: str) -> dict | None:
+    try:
+        return json.loads(dest.get_bytes(join_key(dataset_prefix(dataset), LATEST)))
+    except ObjectNotFoundError:
+        return None
+
+
+def _point_latest(dest: Storage, dataset: str, result: PrepareResult, listing: str | None):
+    """LATEST.json names the version, and the digest of the listing it stands for: the next
+    prepare with the same digest reads nothing (incremental.py). Rewritten only when one of
+    them changes (a file touched without a change in content: same version, new digest)."""
     key = join_key(dataset_prefix(dataset), LATEST)
-    pointer = {"version": result.version, "images": result.images, "organs": sorted(result.organs)}
-    current = dest.get_bytes(key) if dest.exists(key) else None
-    if current is None or json.loads(current).get("version") != result.version:
+    pointer = {"version": result.version, "images": result.images, "organs": sorted(result.organs),
+               "listing": listing}  # fmt: skip
+    current = _latest_pointer(dest, dataset)
+    if current != pointer:
         dest.put_bytes(key, json.dumps(pointer, indent=2).encode())
-        log.info("%s now points at version %s", dest.url(key), result.version)
+        if current is None or current.get("version") != result.version:
+            log.info("%s now points at version %s", dest.url(key), result.version)
 
 
 def _repair_missing_shards(

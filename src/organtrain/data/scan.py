@@ -11,6 +11,7 @@ the group's split (see assign.py), whatever diagnosis folder it sits in.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from organtrain.data.images import SUPPORTED_EXTENSIONS
@@ -27,6 +28,9 @@ class Candidate:
     size: int  # bytes
     group: str | None = None  # the patient/slide/specimen folder, when the layout has one
     metadata: str | None = None  # the groups table's other columns (groups.py), JSON
+    # The listing's change marker (local: mtime in ns; S3: ETag). With the size, what an
+    # incremental prepare compares to reuse what it learnt from the file last time.
+    tag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class Rejection:
     detail: str
     organ: str | None = None
     diagnosis: str | None = None
+    # Set only when the file itself was read and failed its check (images.py): its size and
+    # listing tag then, so an unchanged bad file is not read again (incremental.py).
+    bytes: int | None = None
+    source_tag: str | None = None
 
 
 def scan_tree(source: Storage) -> tuple[list[Candidate], list[Rejection]]:
@@ -58,7 +66,7 @@ def scan_tree(source: Storage) -> tuple[list[Candidate], list[Rejection]]:
             if _is_hidden_image(parts):
                 rejected.append(_hidden_rejection(info.key, parts))
             continue
-        outcome = _classify(info.key, parts, info.size)
+        outcome = _classify(info.key, parts, info.size, info.version_tag)
         (candidates if isinstance(outcome, Candidate) else rejected).append(outcome)
     for entry in skipped:
         parts = entry.key.split("/")
@@ -95,7 +103,12 @@ def _hidden_rejection(key: str, parts: list[str]) -> Rejection:
     )
 
 
-def _classify(key: str, parts: list[str], size: int) -> Candidate | Rejection:
+# A tree has few folder names and many files in each: each name is checked once (the
+# listing is all an unchanged prepare does, so its cost per file is the prepare's).
+_folder_problem = functools.lru_cache(maxsize=1 << 16)(key_part_problem)
+
+
+def _classify(key: str, parts: list[str], size: int, tag: str | None) -> Candidate | Rejection:
     if len(parts) not in (3, 4):
         return Rejection(
             key,
@@ -110,7 +123,7 @@ def _classify(key: str, parts: list[str], size: int) -> Candidate | Rejection:
     if group is not None:
         named.insert(2, ("group folder", group))
     for label, part in named:
-        problem = key_part_problem(part)
+        problem = key_part_problem(part) if label == "file name" else _folder_problem(part)
         if problem:
             return Rejection(
                 key, "invalid_name", f"the {label} {part!r} {problem}", organ, diagnosis
@@ -123,4 +136,4 @@ def _classify(key: str, parts: list[str], size: int) -> Candidate | Rejection:
             organ,
             diagnosis,
         )
-    return Candidate(key, organ, diagnosis, size, group)
+    return Candidate(key, organ, diagnosis, size, group, tag=tag)

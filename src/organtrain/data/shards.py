@@ -11,6 +11,7 @@ bytes and checksum in any process.
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,3 +111,20 @@ def read_shard(path: str | Path) -> Iterator[ShardRecord]:
             sha256=ex[SHA256].numpy().decode(),
             source_key=ex[SOURCE_KEY].numpy().decode(),
         )
+
+
+def read_shard_images(path: str | Path) -> Iterator[tuple[str, bytes]]:
+    """(sha256, encoded image) of each record of a local TFRecord file, without TensorFlow's
+    per-record parsing: an incremental prepare copies the images of unchanged files from the
+    previous version's shards this way. The caller verifies the file's sha256 first, so the
+    per-record CRCs are not checked again."""
+    with open(path, "rb") as f:
+        while header := f.read(12):  # uint64 length, uint32 CRC of the length
+            (length,) = struct.unpack("<Q", header[:8])
+            record = f.read(length)
+            f.read(4)  # uint32 CRC of the data
+            features = tf.train.Example.FromString(record).features.feature
+            yield (
+                features[SHA256].bytes_list.value[0].decode(),
+                features[IMAGE_ENCODED].bytes_list.value[0],
+            )
