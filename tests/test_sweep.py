@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from test_tensorboard import assert_every_epoch_logged
 
 from organtrain import registry
 from organtrain.cli import main
@@ -82,7 +83,7 @@ def table(storage, key: str) -> list[dict]:
     return read_parquet(storage.get_bytes(key)).to_pylist()
 
 
-def test_two_organs_searched_at_once_with_asha(local_job):
+def test_two_organs_searched_at_once_with_asha(local_job, tmp_path):
     space = {"train.learning_rate": {"grid": [3e-3, 1e-6, 1e-7]}}
     done = run_sweep(
         local_job, "name=asha", "search.samples=1", "search.scheduler=asha",
@@ -123,9 +124,10 @@ def test_two_organs_searched_at_once_with_asha(local_job):
     status = json.loads(run.get_bytes("status.json"))
     assert status["state"] == "finished"
     assert {o: s["state"] for o, s in status["organs"].items()} == {"colon": "done", "lung": "done"}
-    # Every trial left TensorBoard logs beside its Tune results.
-    events = list(run.path("tune").glob("*/*/tensorboard/validation/events.out.tfevents.*"))
-    assert len(events) == 6
+    # Every trial logged every epoch it ran to TensorBoard (ASHA's stopped ones and the
+    # last epoch of the others too), numbered as the tables.
+    for organ in ("colon", "lung"):
+        assert_every_epoch_logged(store, "asha", organ, tmp_path / "tensorboard")
     # Once the search is over, each trial keeps its best and its latest checkpoint only.
     for trial in run.path("tune").glob("*/train_*"):
         assert 1 <= len(list(trial.glob("checkpoint_*"))) <= 2, trial
@@ -253,3 +255,5 @@ def test_sweep_on_s3_two_replicas_and_test_split_untouched(source, s3_uri, tmp_p
     tune_keys = [i.key for i in run.list("tune/lung")]
     assert any(k.endswith("/checkpoint_000001/model.keras") for k in tune_keys)
     assert any(k.split("/")[-1].startswith("experiment_state") for k in tune_keys)
+    # TensorBoard logs in the bucket, every epoch, read back from a local copy.
+    assert_every_epoch_logged(storage, "s3", "lung", tmp_path / "tensorboard")

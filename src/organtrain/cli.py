@@ -1,5 +1,5 @@
 """The `organtrain` command line: demo, synth, prepare, leakage, train, sweep, nightly,
-predict, models, report, status."""
+predict, models, report, status, tensorboard."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the whole pipeline on synthetic data, locally")
+    _add_storage_arg(demo)
     _add_config_args(demo, default="jobs/demo.yaml")
     demo.set_defaults(run=_run_demo)
 
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         "rewrite the missing or damaged ones from the source",
     )  # fmt: skip
     prep.add_argument("--version", help="with --repair: the version (default: the latest)")
+    prep.add_argument(
+        "--rehash", action="store_true",
+        help="read, hash and decode every source file again, instead of reusing what the "
+        "latest version recorded for files whose size and modification time (S3: ETag) are "
+        "unchanged (prepare.rehash)",
+    )  # fmt: skip
     _add_config_args(prep, default=None)
     prep.set_defaults(run=_run_prepare)
 
@@ -94,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--run-id", help="results go to <storage>/runs/<run-id>/<organ> (default: name)"
     )
+    _add_storage_arg(train)
     _add_config_args(train, default=None)
     train.set_defaults(run=_run_train)
 
@@ -112,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Ray cluster address (default: resources.address, else RAY_ADDRESS, else a "
         "Ray started on this machine for this command)",
     )
+    _add_storage_arg(sweep)
     _add_config_args(sweep, default=None)
     sweep.set_defaults(run=_run_sweep)
 
@@ -127,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     night.add_argument("--date", help="the night, YYYY-MM-DD (default: today, UTC)")
     night.add_argument("--run-id", help="default: nightly-<date>")
     night.add_argument("--address", help="Ray cluster address (see `organtrain sweep`)")
+    _add_storage_arg(night)
     _add_config_args(night, default=None)
     night.set_defaults(run=_run_nightly)
 
@@ -172,6 +182,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_storage_arg(status)
     _add_config_args(status, default=None)
     status.set_defaults(run=_run_status)
+
+    board = commands.add_parser(
+        "tensorboard",
+        help="copy a run's TensorBoard logs to a local folder, for `tensorboard --logdir`",
+        description="Copies the event files of every organ and trial of RUN (written each "
+        "epoch to <storage>/runs/RUN/<organ>/tensorboard/) to OUT, where a stock TensorBoard "
+        "reads them, whatever the storage (TensorBoard cannot read s3:// without "
+        "tensorflow-io). Run it again to bring the copy up to date.",
+    )
+    board.add_argument("run_id", metavar="RUN", help="run id (a folder under <storage>/runs/)")
+    board.add_argument("--out", help="local folder (default: tensorboard-logs/RUN)")
+    _add_storage_arg(board)
+    _add_config_args(board, default=None)
+    board.set_defaults(run=_run_tensorboard)
     return parser
 
 
@@ -270,8 +294,11 @@ def _run_model_use(args) -> None:
               f"{entry.test_images} test images)")  # fmt: skip
         print(f"  {storage.url(registry.version_prefix(args.organ, entry.version))}/")
         if args.promote:
+            from organtrain.nightly import promote_by_hand
+
             reason = "promoted by hand (organtrain models register --promote)"
-            registry.promote(storage, args.organ, entry.version, reason=reason)
+            promote_by_hand(storage, args.organ, entry.version, metric=cfg.nightly.metric,
+                            reason=reason)  # fmt: skip
             print(f"{args.organ}: champion is now {entry.version}")
         return
     from organtrain.export import export_version
@@ -315,6 +342,10 @@ def _run_prepare(args) -> None:
     cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, **changes))
     if args.dest:
         cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=args.dest))
+    if args.rehash and args.repair:
+        raise ConfigError("--rehash is for a new version; --repair reads every shard anyway")
+    if args.rehash:
+        cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, rehash=True))
     if args.repair:
         _repair(cfg, version=args.version, progress=not args.no_progress)
     elif args.version:
@@ -371,7 +402,7 @@ def _run_leakage(args) -> int:
 
 
 def _run_train(args) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _with_storage(load_config(args.config, args.overrides), args.storage)
     _train(cfg, args.organ, run_id=args.run_id or cfg.name, progress=not args.no_progress)
 
 
@@ -391,7 +422,7 @@ def _train(cfg: RunConfig, organ: str, *, run_id: str, progress: bool):
 
 
 def _run_sweep(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _with_storage(load_config(args.config, args.overrides), args.storage)
     return _sweep(cfg, run_id=args.run_id, address=args.address, progress=not args.no_progress)
 
 
@@ -421,7 +452,7 @@ def _run_nightly(args) -> int:
 
     from organtrain.nightly import nightly
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _with_storage(load_config(args.config, args.overrides), args.storage)
     try:
         night = datetime.date.fromisoformat(args.date) if args.date else None
     except ValueError:
@@ -466,12 +497,17 @@ def _run_models(args) -> None:
         if champion:
             print(f"champion {champion.version}: {champion.reason}")
     elif args.action == "promote":
-        champion = registry.promote(
-            storage, args.organ, args.version, reason="promoted by hand (organtrain models promote)"
-        )
+        from organtrain.nightly import promote_by_hand
+
+        champion = promote_by_hand(
+            storage, args.organ, args.version, metric=cfg.nightly.metric,
+            reason="promoted by hand (organtrain models promote)",
+        )  # fmt: skip
         print(f"{args.organ}: champion is now {champion.version}")
     else:
-        champion = registry.rollback(storage, args.organ)
+        from organtrain.nightly import roll_back_by_hand
+
+        champion = roll_back_by_hand(storage, args.organ, metric=cfg.nightly.metric)
         print(f"{args.organ}: champion is now {champion.version} (rolled back)")
 
 
@@ -492,6 +528,31 @@ def _run_status(args) -> None:
     print(render_status(_storage(cfg, args.storage or cfg.storage.uri), args.run_id))
 
 
+def _with_storage(cfg: RunConfig, uri: str | None) -> RunConfig:
+    """The config with --storage, when given, in place of storage.uri: every part of the
+    command (prepare, trials on other nodes, the report) then reads and writes there."""
+    if not uri:
+        return cfg
+    return dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, uri=uri))
+
+
+def _run_tensorboard(args) -> None:
+    from organtrain.tensorboard import download_logs
+
+    cfg = load_config(args.config, args.overrides)
+    storage = _storage(cfg, args.storage or cfg.storage.uri)
+    out = args.out or os.path.join("tensorboard-logs", args.run_id)
+    files = download_logs(storage, args.run_id, out)
+    if not files:
+        raise ConfigError(
+            f"{storage.url(f'runs/{args.run_id}')}/ holds no TensorBoard logs "
+            "(<organ>/tensorboard/): check the run id and --storage; runs write them from "
+            "their first epoch"
+        )
+    print(f"{len(files)} event file(s) of run {args.run_id} in {out}")
+    print(f"  tensorboard --logdir {out}")
+
+
 def _storage(cfg: RunConfig, uri: str, setting: str = "storage.uri"):
     from organtrain.storage import open_storage
 
@@ -503,7 +564,7 @@ def _storage(cfg: RunConfig, uri: str, setting: str = "storage.uri"):
 def _run_demo(args) -> int:
     from organtrain.data.synth import write_synthetic_tree
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _with_storage(load_config(args.config, args.overrides), args.storage)
     s = cfg.synth
     log.info("1/3 synth: writing synthetic images under %s", s.out)
     write_synthetic_tree(

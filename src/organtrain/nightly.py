@@ -23,12 +23,14 @@ One night, keyed by its date (run id `nightly-YYYY-MM-DD`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import tempfile
+import time
 import typing
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timezone
@@ -36,8 +38,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from organtrain import registry
-from organtrain.config import RunConfig
+from organtrain import registry, stats
+from organtrain.config import NightlyConfig, RunConfig
 from organtrain.data.dataset import MANIFEST, DatasetIndex, dataset_prefix, load_dataset
 from organtrain.data.manifest import parquet_bytes, read_parquet
 from organtrain.errors import ObjectNotFoundError
@@ -75,16 +77,26 @@ class Decision:
     diff: float = math.nan  # challenger - champion, on the same test images
     ci_low: float = math.nan  # paired bootstrap interval of diff
     ci_high: float = math.nan
-    p_value: float = math.nan  # exact McNemar
-    significant: bool = False
+    test_images: int = 0  # images both were scored on (the paired test's n)
+    p_value: float = math.nan  # exact McNemar, this organ's test alone
+    # After the correction across tonight's family of tests (the organs compared tonight):
+    # nightly.correction (holm | bh | none), the family's size, this organ's adjusted p.
+    p_adjusted: float = math.nan
+    correction: str | None = None  # None: this organ had no paired test tonight
+    tests_tonight: int = 0
+    significant: bool = False  # adjusted p < alpha and the interval of diff excludes 0
     promoted: bool = False
     champion_after: str | None = None
-    reason: str = ""
+    reason: str = ""  # for people: what was decided, with the numbers
+    # For programs: first_model, challenger_better, champion_kept, new_diagnosis,
+    # not_retrained, training_failed (nightly), forced, rolled_back (by hand).
+    reason_code: str = ""
     error: str | None = None
 
 
 def _arrow_type(hint) -> pa.DataType:
-    return {bool: pa.bool_(), float: pa.float64()}.get(hint, pa.string())  # else str | None
+    types = {bool: pa.bool_(), float: pa.float64(), int: pa.int64()}
+    return types.get(hint, pa.string())  # else str | None
 
 
 # One column per Decision field, typed from its annotation.
@@ -142,10 +154,7 @@ def nightly(
             plan["dataset_version"], ", ".join(changed) or "nothing",
         )  # fmt: skip
         rows = _train(cfg, run_id, changed, plan, address, progress) if changed else {}
-        decisions = [
-            _decide(cfg, storage, run_id, organ, plan, rows.get(organ)) for organ in plan["organs"]
-        ]
-        history = _append_history(storage, run_id, decisions)
+        decisions, history = decide_night(cfg, storage, run_id, plan, rows)
         report = _report(storage, run_id, history)
     return NightlyOutcome(run_id, decisions, report)
 
@@ -195,8 +204,12 @@ def _plan(cfg: RunConfig, storage: Storage, run_id: str, night: date, progress: 
 
 
 def _last_nights(storage: Storage, run_id: str) -> dict[str, dict]:
-    """The latest history row per organ, from nights before this one."""
-    rows = [r for r in _read_history(storage) if r["run_id"] != run_id]
+    """The latest history row per organ, from nights before this one (rows written by
+    hand say nothing about what the last night saw)."""
+    rows = [
+        r for r in _read_history(storage)
+        if r["run_id"] != run_id and r.get("reason_code") not in BY_HAND
+    ]  # fmt: skip
     last: dict[str, dict] = {}
     for row in sorted(rows, key=lambda r: (r["night"], r["run_id"])):
         last[row["organ"]] = row
@@ -212,23 +225,46 @@ def _train(cfg: RunConfig, run_id: str, organs: list[str], plan: dict, address, 
     return {row["organ"]: row for row in outcome.rows}
 
 
-def _decide(
-    cfg: RunConfig, storage: Storage, run_id: str, organ: str, plan: dict, row: dict | None
-) -> Decision:
-    key = join_key("runs", run_id, "decisions", f"{organ}.json")
-    if storage.exists(key):
-        decision = _decision(json.loads(storage.get_bytes(key)))
-    else:
-        decision = _new_decision(cfg, storage, run_id, organ, plan, row)
-        storage.put_bytes(key, json.dumps(json_safe(asdict(decision)), indent=2).encode())
-    # Apply it (again, on a re-run: promoting an already promoted version changes nothing).
-    if decision.promoted:
-        registry.promote(storage, organ, decision.challenger, reason=decision.reason)
-    log.info("%s: %s", organ, decision.reason)
-    return decision
+def decide_night(
+    cfg: RunConfig, storage: Storage, run_id: str, plan: dict, rows: dict[str, dict]
+) -> tuple[list[Decision], pa.Table]:
+    """Every organ's decision for tonight, the champion pointers they move, and the
+    history with tonight's rows. `plan`: the night's plan (nightly.json); `rows`: the
+    sweep's summary row of each organ trained tonight.
+
+    All organs are compared before any is decided: whether one challenger's p-value is
+    small enough depends on how many organs were tested tonight (nightly.correction).
+    An organ decided by an earlier attempt of this night keeps its saved decision (and
+    its test stays in the family). Every decision is saved before any pointer moves, so a
+    re-run applies the same decisions."""
+    saved, undecided = {}, {}
+    for organ in plan["organs"]:
+        key = _decision_key(run_id, organ)
+        if storage.exists(key):
+            saved[organ] = _decision(json.loads(storage.get_bytes(key)))
+        else:
+            undecided[organ] = _new_decision(cfg, storage, run_id, organ, plan, rows.get(organ))
+    decisions = [saved.get(organ) or undecided[organ] for organ in plan["organs"]]
+    apply_rule(cfg.nightly, decisions, list(undecided.values()))
+    for organ, decision in undecided.items():
+        body = json.dumps(json_safe(asdict(decision)), indent=2).encode()
+        storage.put_bytes(_decision_key(run_id, organ), body)
+    for decision in decisions:
+        # Applied again on a re-run: promoting an already promoted version changes nothing.
+        if decision.promoted:
+            registry.promote(storage, decision.organ, decision.challenger,
+                             reason=decision.reason, reason_code=decision.reason_code)  # fmt: skip
+        log.info("%s: %s", decision.organ, decision.reason)
+    return decisions, _append_history(storage, run_id, decisions)
+
+
+def _decision_key(run_id: str, organ: str) -> str:
+    return join_key("runs", run_id, "decisions", f"{organ}.json")
 
 
 def _new_decision(cfg, storage, run_id, organ, plan, row) -> Decision:
+    """Tonight's decision for one organ; for an organ whose challenger was compared with
+    the champion, only the comparison: `apply_rule` decides it with the night's family."""
     facts = plan["organs"][organ]
     current = registry.champion(storage, organ)
     decision = Decision(
@@ -240,6 +276,7 @@ def _new_decision(cfg, storage, run_id, organ, plan, row) -> Decision:
     )  # fmt: skip
     if row is None:
         decision.reason = f"not retrained: {facts['change']}"
+        decision.reason_code = "not_retrained"
         if current is not None:  # the serving model's own test figure, for the trend
             serving = registry.get_version(storage, organ, current.version)
             decision.champion_value = serving.test_metrics.get(cfg.nightly.metric, math.nan)
@@ -247,11 +284,13 @@ def _new_decision(cfg, storage, run_id, organ, plan, row) -> Decision:
     if row["state"] != "done":
         decision.error = row["error"]
         decision.reason = f"training failed, champion kept: {row['error']}"
+        decision.reason_code = "training_failed"
         return decision
     result = json.loads(storage.get_bytes(join_key("runs", run_id, organ, "result.json")))
     metrics = {
         "accuracy": row["test_accuracy"], "macro_f1": row["test_macro_f1"],
         "macro_roc_auc": row["test_macro_roc_auc"],
+        "balanced_accuracy": result.get("test_balanced_accuracy", math.nan),
     }  # fmt: skip
     version = registry.register_run_result(
         storage, result, fingerprint=facts["fingerprint"], test_metrics=metrics
@@ -259,7 +298,7 @@ def _new_decision(cfg, storage, run_id, organ, plan, row) -> Decision:
     decision.challenger = version.version
     decision.challenger_value = metrics[cfg.nightly.metric]
     if current is None:
-        return _promote(decision, f"first model for {organ}: promoted")
+        return _promote(decision, f"first model for {organ}: promoted", "first_model")
     old = registry.get_version(storage, organ, current.version)
     if old.classes != version.classes:
         new = sorted(set(version.classes) - set(old.classes))
@@ -270,31 +309,66 @@ def _new_decision(cfg, storage, run_id, organ, plan, row) -> Decision:
         )  # fmt: skip
         unlike = f"label set changed ({what}): champion and challenger cannot be compared"
         if cfg.nightly.on_new_diagnosis == "promote":
-            return _promote(decision, f"{unlike}; promoted (nightly.on_new_diagnosis: promote)")
+            reason = f"{unlike}; promoted (nightly.on_new_diagnosis: promote)"
+            return _promote(decision, reason, "new_diagnosis")
         decision.reason = f"{unlike}; champion kept (nightly.on_new_diagnosis: keep)"
+        decision.reason_code = "new_diagnosis"
         return decision
     comparison = _compare(cfg, storage, run_id, organ, plan, old)
     decision.champion_value = comparison.champion
     decision.challenger_value = comparison.challenger
     decision.diff, decision.p_value = comparison.diff, comparison.p_value
     decision.ci_low, decision.ci_high = comparison.ci_low, comparison.ci_high
-    decision.significant = comparison.significant
-    n, m = comparison.n, cfg.nightly.metric
-    numbers = (
-        f"{m} {comparison.challenger:.3f} vs champion {comparison.champion:.3f} on the same "
-        f"{n} test images (diff {comparison.diff:+.3f}, 95% CI {comparison.ci_low:+.3f} to "
-        f"{comparison.ci_high:+.3f}, McNemar p={comparison.p_value:.3g})"
-    )
-    if cfg.nightly.require_significant:
-        wins = comparison.significant and comparison.diff > 0
-        rule = "significantly better required"
-    else:
-        wins = comparison.diff >= -cfg.nightly.margin
-        rule = f"not worse by more than {cfg.nightly.margin:g} required"
-    if wins:
-        return _promote(decision, f"promoted: {numbers}; {rule}")
-    decision.reason = f"champion kept: {numbers}; {rule}"
+    decision.test_images = comparison.n
     return decision
+
+
+CORRECTION_NAMES = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
+
+
+def apply_rule(rule: NightlyConfig, tonight: list[Decision], undecided: list[Decision]) -> None:
+    """Decide the organs of `undecided` whose challenger was compared with the champion.
+
+    The family is every organ of `tonight` with a paired test (a McNemar p-value); the
+    organs without one (not retrained, failed, first model, new diagnosis) are not in it.
+    Each compared organ gets its adjusted p-value, and with `require_significant` wins
+    only when that is below alpha and the paired interval of the difference lies above
+    0: an extra condition on top of the corrected test can only promote less, so the
+    correction's guarantee holds. Without `require_significant` the margin rule decides
+    and the adjusted p-value is recorded for people to read."""
+    tested = [d for d in tonight if not math.isnan(d.p_value)]
+    adjusted = stats.adjust_p_values([d.p_value for d in tested], rule.correction)
+    waiting = {id(d) for d in undecided}
+    for decision, p_adjusted in zip(tested, adjusted, strict=True):
+        if id(decision) in waiting:
+            decision.p_adjusted, decision.correction = float(p_adjusted), rule.correction
+            decision.tests_tonight = len(tested)
+            _judge(rule, decision)
+
+
+def _judge(rule: NightlyConfig, d: Decision) -> None:
+    excludes_zero = d.ci_low > 0 or d.ci_high < 0  # False when NaN
+    d.significant = bool(d.p_adjusted < rule.alpha and excludes_zero)
+    numbers = (
+        f"{d.metric} {d.challenger_value:.3f} vs champion {d.champion_value:.3f} on the same "
+        f"{d.test_images} test images (diff {d.diff:+.3f}, 95% CI {d.ci_low:+.3f} to "
+        f"{d.ci_high:+.3f}, McNemar p={d.p_value:.3g})"
+    )
+    if rule.require_significant:
+        wins = d.significant and d.diff > 0
+        if d.correction in CORRECTION_NAMES:
+            tested = f"{d.tests_tonight} organ(s) tested tonight"
+            family = f"{CORRECTION_NAMES[d.correction]}-adjusted p={d.p_adjusted:.3g} over {tested}"
+        else:
+            family = "no correction across organs (nightly.correction: none)"
+        rule_text = f"significantly better at alpha {rule.alpha:g} required, {family}"
+    else:
+        wins = d.diff >= -rule.margin
+        rule_text = f"not worse by more than {rule.margin:g} required"
+    if wins:
+        _promote(d, f"promoted: {numbers}; {rule_text}", "challenger_better")
+    else:
+        d.reason, d.reason_code = f"champion kept: {numbers}; {rule_text}", "champion_kept"
 
 
 def _decision(saved: dict) -> Decision:
@@ -307,8 +381,9 @@ def _num(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def _promote(decision: Decision, reason: str) -> Decision:
-    decision.promoted, decision.champion_after, decision.reason = True, decision.challenger, reason
+def _promote(decision: Decision, reason: str, reason_code: str) -> Decision:
+    decision.promoted, decision.champion_after = True, decision.challenger
+    decision.reason, decision.reason_code = reason, reason_code
     return decision
 
 
@@ -316,7 +391,7 @@ def _compare(cfg, storage, run_id, organ, plan, champion_version):
     """Score the champion on tonight's test split, pair it with the challenger's."""
     import keras
 
-    from organtrain import evaluate, stats
+    from organtrain import evaluate
     from organtrain.train import predict_split
 
     index = load_dataset(storage, plan["dataset"], plan["dataset_version"])
@@ -351,12 +426,86 @@ def _read_history(storage: Storage) -> list[dict]:
 def _append_history(storage: Storage, run_id: str, decisions: list[Decision]) -> pa.Table:
     """Tonight's rows replace any an earlier attempt of tonight wrote: one row per organ
     per night, however often the night is run."""
-    rows = [r for r in _read_history(storage) if r["run_id"] != run_id]
-    rows += [asdict(d) for d in decisions]
-    rows.sort(key=lambda r: (r["night"], r["run_id"], r["organ"]))
-    table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
-    storage.put_bytes(HISTORY, parquet_bytes(table))
+    with _history_lock(storage):  # nights and `organtrain models` both add rows
+        rows = [r for r in _read_history(storage) if r["run_id"] != run_id]
+        rows += [asdict(d) for d in decisions]
+        rows.sort(key=lambda r: (r["night"], r["run_id"], r["organ"]))
+        table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+        storage.put_bytes(HISTORY, parquet_bytes(table))
     return table
+
+
+class HistoryBusy(LockHeld):
+    """Another process kept the history's lock longer than a write takes."""
+
+
+@contextlib.contextmanager
+def _history_lock(storage: Storage, wait_s: float = 60.0):
+    """`nightly/locks/history.json` around a read-modify-write of the history, so that
+    a promotion by hand during a night does not drop the night's rows or its own. A
+    write takes a second: a second writer waits for it rather than exiting."""
+    lock = StorageLock(
+        storage, join_key("nightly", "locks", "history.json"), what="the nightly history",
+        stale_after=120, error=HistoryBusy,
+    )  # fmt: skip
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.__enter__()
+            break
+        except HistoryBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+# History rows written by `organtrain models`, not by a night.
+BY_HAND = ("forced", "rolled_back")
+
+
+def promote_by_hand(
+    storage: Storage, organ: str, version: str, *, metric: str, reason: str
+) -> registry.Champion:
+    """`organtrain models promote` and `models register --promote`: make `version` the
+    champion and add a `forced` row to the history, so the history tells every change of
+    champion, not only the nightly's."""
+    before = registry.champion(storage, organ)
+    after = registry.promote(storage, organ, version, reason=reason, reason_code="forced")
+    _record_by_hand(storage, before, after, metric)
+    return after
+
+
+def roll_back_by_hand(storage: Storage, organ: str, *, metric: str) -> registry.Champion:
+    """`organtrain models rollback`: the previous champion again, as a `rolled_back` row."""
+    before = registry.champion(storage, organ)
+    reason = "rolled back by hand (organtrain models rollback)"
+    after = registry.rollback(storage, organ, reason=reason)
+    _record_by_hand(storage, before, after, metric)
+    return after
+
+
+def _record_by_hand(storage, before, after, metric: str) -> None:
+    if before is not None and before.version == after.version:
+        return  # promoting the champion again changes nothing: no row
+    now = datetime.now(timezone.utc)
+    new = registry.get_version(storage, after.organ, after.version)
+    old = registry.get_version(storage, after.organ, before.version) if before else None
+    row = Decision(
+        night=now.date().isoformat(), run_id=f"by-hand-{now:%Y%m%dT%H%M%S.%fZ}",
+        organ=after.organ, dataset_version=new.dataset_version, fingerprint=new.fingerprint,
+        changed=False, change="changed by hand", trained=False, metric=metric,
+        champion_before=before.version if before else None,
+        # Each version's own test figure (their test splits may differ: no diff is given).
+        champion_value=old.test_metrics.get(metric, math.nan) if old else math.nan,
+        challenger=after.version, challenger_value=new.test_metrics.get(metric, math.nan),
+        promoted=True, champion_after=after.version, reason=after.reason,
+        reason_code=after.reason_code or "forced",
+    )  # fmt: skip
+    _append_history(storage, row.run_id, [row])
 
 
 def trend_table(history: pa.Table) -> pa.Table:

@@ -59,6 +59,9 @@ class Champion:
     since: str  # ISO 8601
     reason: str
     previous: list[str] = field(default_factory=list)  # earlier champions, newest last
+    # Why, for programs (nightly.Decision.reason_code): first_model, challenger_better,
+    # new_diagnosis (the nightly), forced, rolled_back (by hand). None: written before.
+    reason_code: str | None = None
 
 
 def _prefix(organ: str) -> str:
@@ -202,14 +205,19 @@ def model_key(organ: str, version: str) -> str:
     return join_key(_prefix(organ), "versions", version, "model.keras")
 
 
-def promote(storage: Storage, organ: str, version: str, *, reason: str) -> Champion:
+def promote(
+    storage: Storage, organ: str, version: str, *, reason: str, reason_code: str = "forced"
+) -> Champion:
     """Make `version` the organ's champion (the old one is remembered for rollback)."""
     get_version(storage, organ, version)  # exists, or a clear error
     current = champion(storage, organ)
     if current is not None and current.version == version:
         return current  # already so: promoting twice changes nothing
     previous = [*current.previous, current.version] if current else []
-    new = Champion(organ=organ, version=version, since=_now(), reason=reason, previous=previous)
+    new = Champion(
+        organ=organ, version=version, since=_now(), reason=reason, previous=previous,
+        reason_code=reason_code,
+    )  # fmt: skip
     _write_champion(storage, new)
     return new
 
@@ -224,7 +232,7 @@ def rollback(storage: Storage, organ: str, *, reason: str = "rolled back by hand
         )
     new = Champion(
         organ=organ, version=current.previous[-1], since=_now(), reason=reason,
-        previous=current.previous[:-1],
+        previous=current.previous[:-1], reason_code="rolled_back",
     )  # fmt: skip
     _write_champion(storage, new)
     return new

@@ -10,6 +10,9 @@ chance would explain:
 - `compare_paired` / `compare_predictions`: champion vs challenger on the same images:
   the exact McNemar test on the images exactly one of them gets right, and a paired
   bootstrap interval of the metric difference (both models resampled with the same images).
+- `adjust_p_values`: Holm or Benjamini-Hochberg adjusted p-values for a night's paired
+  tests across organs: with N organs tested at `alpha` each, some challenger wins by
+  chance as N grows unless the p-values are adjusted for the N tests together.
 
 Point values come from evaluate.py (scikit-learn), so they equal the stored metrics; the
 resampled values are computed here in NumPy over all resamples at once, checked against
@@ -28,7 +31,7 @@ from scipy.stats import binomtest, rankdata
 from organtrain import evaluate
 from organtrain.errors import DataError
 
-METRICS = ("accuracy", "macro_f1", "macro_roc_auc")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")
 RESAMPLES = 2000  # the usual minimum for stable 95 % percentile limits
 CHUNK_CELLS = 2_000_000  # resampled labels held at once (~16 MB of int64): bounds memory
 
@@ -84,6 +87,19 @@ def _accuracy(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     return (labels == predicted).mean(axis=1)
 
 
+def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """scikit-learn's balanced accuracy: the mean recall over the classes present in each
+    resample (a class a resample happens to lack is left out, not counted as 0)."""
+    recall_sum, present = np.zeros(labels.shape[0]), np.zeros(labels.shape[0])
+    for cls in range(k):
+        is_true = labels == cls
+        seen = is_true.sum(axis=1)
+        hits = (is_true & (predicted == cls)).sum(axis=1)
+        recall_sum += np.divide(hits, seen, out=np.zeros(seen.shape), where=seen > 0)
+        present += seen > 0
+    return recall_sum / present  # every resample holds at least one image, so one class
+
+
 def _macro_f1(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
     """scikit-learn's macro F1 over labels 0..k-1 with zero_division=0: per class
     2·TP / (2·TP + FP + FN), which is 0 where that is 0/0, then the plain mean."""
@@ -117,6 +133,8 @@ def _metric(metric: str, labels: np.ndarray, prob: np.ndarray) -> np.ndarray:
     """`metric` for each resample row of labels (r, n) and probabilities (r, n, k)."""
     if metric == "accuracy":
         return _accuracy(labels, prob.argmax(axis=2))
+    if metric == "balanced_accuracy":
+        return _balanced_accuracy(labels, prob.argmax(axis=2), prob.shape[2])
     if metric == "macro_f1":
         return _macro_f1(labels, prob.argmax(axis=2), prob.shape[2])
     if metric == "macro_roc_auc":
@@ -301,3 +319,51 @@ def compare_predictions(champion: pa.Table, challenger: pa.Table, **options) -> 
         np.array([new[h][1] for h in images]),
         **options,
     )
+
+
+# --- Many tests at once: one paired test per organ, the same night -----------------------
+
+CORRECTIONS = ("holm", "bh", "none")
+
+
+def adjust_p_values(p_values: Sequence[float], method: str) -> np.ndarray:
+    """Adjusted p-values of a family of tests, in the order given; reject test i at level
+    alpha when adjusted[i] < alpha (the same decisions as the step-down/step-up procedure).
+
+    - "holm": Holm's step-down: the chance that ANY true null is rejected (here: that any
+      organ's champion is replaced by a challenger that is not better) stays below alpha,
+      whatever the dependence between the tests. Sorted p(1) <= ... <= p(m):
+      adjusted p(i) = max over j <= i of min(1, (m - j + 1) p(j)).
+    - "bh": Benjamini-Hochberg step-up: the expected SHARE of wrong rejections among all
+      rejections stays below alpha (independent or positively dependent tests);
+      adjusted p(i) = min over j >= i of min(1, m p(j) / j), as
+      scipy.stats.false_discovery_control(method="bh").
+    - "none": the p-values unchanged.
+
+    NaN marks an organ without a test (not retrained, failed, no champion): it is left out
+    of the family (m counts only real tests) and stays NaN. Tied p-values get the same
+    adjusted value whatever their order.
+    """
+    if method not in CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}; one of {', '.join(CORRECTIONS)}")
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    tested = ~np.isnan(p)
+    if np.any((p[tested] < 0) | (p[tested] > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p[tested].tolist()}")
+    adjusted = np.full(p.shape, np.nan)
+    family = p[tested]
+    if method == "none" or family.size == 0:
+        adjusted[tested] = family
+        return adjusted
+    m = family.size
+    order = np.argsort(family, kind="stable")
+    ranked = family[order]
+    rank = np.arange(1, m + 1)
+    if method == "holm":
+        stepped = np.maximum.accumulate(np.minimum(1.0, (m - rank + 1) * ranked))
+    else:  # bh: the running minimum from the largest p-value down
+        stepped = np.minimum.accumulate(np.minimum(1.0, m * ranked / rank)[::-1])[::-1]
+    in_family = np.empty(m)
+    in_family[order] = stepped
+    adjusted[tested] = in_family
+    return adjusted
