@@ -9,7 +9,7 @@ samples the sweep's whole process tree every 0.25 s from /proc:
                  daemons, organ controllers, trial workers), summed; PSS splits shared
                  pages between the processes that share them, so the sum is what the
                  tree really occupies (an RSS sum counts shared libraries once per process)
-  controller     the peak RSS of each organ's search task (`ray::search_organ`), median
+  controller     the peak RSS of each organ's search controller (`ray::OrganSearch`), median
                  over the organs: the fixed cost of an organ outside Ray's trial accounting
   first trial    seconds from the sweep's start to the start of each organ's first trial
                  (trials.parquet), max over the organs: what a waiting organ sees
@@ -182,7 +182,7 @@ class TreeSampler(threading.Thread):
                     continue
                 pss += memory["pss"]
                 rss += memory["rss"]
-                if memory["title"].startswith("ray::search_organ"):
+                if memory["title"].startswith(("ray::search_organ", "ray::OrganSearch")):
                     peak = self.controller_peak_rss.get(pid, 0)
                     self.controller_peak_rss[pid] = max(peak, memory["rss"])
                     self.controller_cpu_s[pid] = memory["cpu_s"]

@@ -1,10 +1,11 @@
 """One organ's search: a Ray Tune experiment, then the chosen model's one test evaluation.
 
-`search_organ` runs as a Ray task (no CPUs of its own: it only drives Tune), one per organ,
-so the organs' searches run side by side and share the cluster. Tune's experiment state
-and checkpoints live in the run's storage, `runs/<run_id>/tune/<organ>/`: when the task
-starts and finds them, it restores the experiment — finished trials stay finished, running
-ones continue from their last epoch — instead of starting again.
+`search_organ` runs in a Ray actor (`OrganSearch`: no CPUs of its own, it only
+drives Tune), one per organ, so the organs' searches run side by side and share the
+cluster. Tune's experiment state and checkpoints live in the run's storage,
+`runs/<run_id>/tune/<organ>/`: when the search starts and finds them, it restores the
+experiment — finished trials stay finished, running ones continue from their last epoch —
+instead of starting again.
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ def tune_experiment(job: SweepJob, organ: str):
     """(path, filesystem) of the organ's Tune experiment in the run's storage."""
     path, fs = job.storage().tune_location(join_key("runs", job.run_id, "tune"))
     return f"{path}/{organ}", fs
+
+
+class OrganSearch:
+    """The Ray actor that drives one organ's search (`search_organ`).
+
+    An actor, not a task: Tune's trials hold placement groups, and Ray removes a
+    placement group when the actor that created it dies, but keeps one created by a task
+    until the whole job ends. A controller task killed mid-search (its node lost, an OOM
+    kill) left its trials' CPUs reserved and every other organ's trials pending forever
+    (9 organs, one controller SIGKILLed: 2 orphaned groups held both CPUs, 5 organs
+    waited with 0 trials running)."""
+
+    def search(self, job: SweepJob, organ: str) -> dict:
+        return search_organ(job, organ)
 
 
 def search_organ(job: SweepJob, organ: str) -> dict:
@@ -91,7 +106,9 @@ def search_organ(job: SweepJob, organ: str) -> dict:
                     checkpoint_score_order=search.mode,
                 ),
                 failure_config=tune.FailureConfig(max_failures=search.max_failures),
-                sync_config=tune.SyncConfig(sync_artifacts=True),  # TensorBoard logs
+                # Each trial's own output (log_to_file) in its folder of the run's storage;
+                # TensorBoard logs are published by the trial itself (tensorboard.py).
+                sync_config=tune.SyncConfig(sync_artifacts=True),
                 callbacks=[ProgressCallback(job, organ)],
                 log_to_file=True,  # each trial's output in its folder, not on the terminal
                 verbose=0,
@@ -109,17 +126,20 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     )  # fmt: skip
     out = job.storage().sub(trial_prefix(job.run_id, organ))
     out.put_bytes("metrics/trials.parquet", parquet_bytes(results.trials_table(rows)))
+    best = choose_trial(grid, search.metric, search.mode)
     kinds = {key: dim.kind for key, dim in space.items()}
     out.put_bytes(
         "plots/sweep.png",
-        results.sweep_png(rows, organ=organ, metric=search.metric, space_kinds=kinds),
-    )
+        results.sweep_png(
+            rows, organ=organ, metric=search.metric, space_kinds=kinds,
+            chosen=identities[Path(best.path).name].trial_id if best is not None else None,
+        ),
+    )  # fmt: skip
     counts = {
         "trials": len(rows),
         "trials_stopped_early": sum(r["stop_reason"] in ("patience", "scheduler") for r in rows),
         "trials_errored": sum(r["status"] == "error" for r in rows),
     }
-    best = choose_trial(grid, search.metric, search.mode)
     if best is None:
         raise OrganFailed(failure_message(organ, rows, search.metric, experiment), counts)
     identity = identities[Path(best.path).name]

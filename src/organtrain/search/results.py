@@ -36,6 +36,8 @@ TRIAL_FIELDS = [
     pa.field("best_value", pa.float64()),  # best of the metric over the trial's epochs
     pa.field("best_epoch", pa.int32()),
     pa.field("replicas", pa.int32()),  # num_replicas_in_sync the trial ran with
+    pa.field("node_id", pa.string()),  # the Ray node that ran the trial's last epoch
+    pa.field("node_ip", pa.string()),  # and its IP address (Tune's)
     pa.field("seconds", pa.float64()),  # training time reported to Tune, resumes included
     pa.field("started", pa.float64()),  # unix time the trial first started
     pa.field("ended", pa.float64()),  # unix time of its last report
@@ -129,6 +131,8 @@ def trial_rows(
                 "best_value": float(values[best_at]) if best_at is not None else math.nan,
                 "best_epoch": int(frame["epoch"].iloc[best_at]) if best_at is not None else 0,
                 "replicas": int(m.get("replicas", 0)),
+                "node_id": m.get("node_id"),
+                "node_ip": m.get("node_ip"),
                 "seconds": float(m.get("time_total_s", 0.0)),
                 "started": float(m.get("trial_started") or math.nan),
                 "ended": float(m.get("timestamp") or math.nan),
@@ -177,15 +181,26 @@ def summary_table(rows: Sequence[dict]) -> pa.Table:
     return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], SUMMARY_SCHEMA)
 
 
-def sweep_png(rows: Sequence[dict], *, organ: str, metric: str, space_kinds: dict) -> bytes:
+def sweep_png(
+    rows: Sequence[dict],
+    *,
+    organ: str,
+    metric: str,
+    space_kinds: dict,
+    chosen: str | None = None,
+) -> bytes:
     """Left: the metric of every trial, in start order, marked by why it stopped. Then one
-    panel per searched field: the metric against the field's values, to see what mattered."""
+    panel per searched field: the metric against the field's values, to see what mattered.
+    The chosen trial (`chosen`, a trial id) is ringed in every panel, and its searched
+    values (architecture, augmentation, ...) are written under the title."""
     title = f"{organ} — search ({len(rows)} trials)"
     scored = [r for r in rows if math.isfinite(r["best_value"])]
     if not scored:
         return _message_png("no trial reported a validation metric", title=title)
     searched = [k for k, kind in space_kinds.items() if kind != "fixed"][:5]
-    fig = Figure(figsize=(4.0 * (1 + len(searched)), 3.4), layout="constrained")
+    winner = next((r for r in scored if chosen is not None and r["trial_id"] == chosen), None)
+    # Enough height for the chosen trial's settings, wrapped under the title.
+    fig = Figure(figsize=(4.0 * (1 + len(searched)), 3.8), layout="constrained")
     axes = fig.subplots(1, 1 + len(searched), squeeze=False)[0]
     markers = {"completed": "o", "patience": "s", "scheduler": "v", "error": "x"}
     ax = axes[0]
@@ -195,6 +210,8 @@ def sweep_png(rows: Sequence[dict], *, organ: str, metric: str, space_kinds: dic
         if points:
             x, y = zip(*points, strict=True)
             ax.scatter(x, y, marker=marker, label=reason.replace("_", " "), s=36)
+    if winner is not None:
+        _ring(ax, rows.index(winner) + 1, winner["best_value"], label="chosen")
     ax.set_xlabel("trial (in start order)")
     ax.set_ylabel(f"best {display_name(metric, 40)}")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -207,14 +224,34 @@ def sweep_png(rows: Sequence[dict], *, organ: str, metric: str, space_kinds: dic
             ax.scatter(values, y, s=36)
             if space_kinds[key] == "loguniform":
                 ax.set_xscale("log")
+            position = winner.get(column) if winner is not None else None
         else:
             labels = sorted({str(v) for v in values})
             x = [labels.index(str(v)) for v in values]
             ax.scatter(x, y, s=36)
             ax.set_xticks(range(len(labels)), [_tick_label(v) for v in labels])
+            position = labels.index(str(winner.get(column))) if winner is not None else None
+        if winner is not None:
+            _ring(ax, position, winner["best_value"])
         ax.set_xlabel(key)
-    fig.suptitle(title)
+    fig.suptitle(title if winner is None else f"{title}\n{chosen_settings(winner, searched)}")
     return _png(fig)
+
+
+def _ring(ax, x, y, label: str | None = None) -> None:
+    ax.scatter([x], [y], s=180, facecolors="none", edgecolors="crimson", linewidths=2,
+               label=label, zorder=3)  # fmt: skip
+
+
+def chosen_settings(row: dict, searched: Sequence[str]) -> str:
+    """The chosen trial's searched values, as `field=value` pairs (e.g. for a title)."""
+    parts = []
+    for key in searched:
+        value = row.get(f"config/{key}")
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        parts.append(f"{key.partition('.')[2]}={_tick_label(str(value))}")
+    return "chosen: " + ", ".join(parts)
 
 
 def _tick_label(text: str) -> str:

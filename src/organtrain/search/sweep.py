@@ -1,7 +1,8 @@
 """`organtrain sweep`: a Ray Tune search per organ, all organs at once, resumable.
 
-The driver plans the run (which organs, which dataset version), starts one `search_organ`
-task per unfinished organ, and then only watches: it merges the organs' progress into
+The driver plans the run (which organs, which dataset version), starts one `organ.OrganSearch`
+actor per unfinished organ (restarted, up to ORGAN_RETRIES times, if its process or node
+is lost), and then only watches: it merges the organs' progress into
 `runs/<run_id>/status.json`, prints a line when an organ's picture changes, and writes
 `runs/<run_id>/summary.parquet` (one row per organ) at the end. Killed at any point, the
 same command continues: finished organs are skipped (their result.json is there), the
@@ -49,10 +50,13 @@ _RESUMABLE_SEARCH_FIELDS = {"max_concurrent_trials", "max_failures"}
 # secret: Ray writes the runtime_env into its logs and its state. Credentials come from
 # the standard chain where the trial runs: a Ray started here inherits this process's
 # environment (AWS_ACCESS_KEY_ID, ...) anyway; on a cluster each node uses its own
-# identity (instance or pod role, its own profile).
-_FORWARDED_ENV = (
-    "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "ORGANTRAIN_CACHE_DIR",
-)  # fmt: skip
+# identity (instance or pod role, its own profile). Not ORGANTRAIN_CACHE_DIR: the shard
+# cache is node-local, and a runtime_env variable overrides the node's own, so every
+# node's trials would use the driver's folder (a path that may not exist there). A Ray
+# started here inherits it; cluster-wide, input.cache_dir in the job is the default.
+_FORWARDED_ENV = ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+# Times an organ's search controller is started again after its process or node was lost.
+ORGAN_RETRIES = 2
 
 
 @dataclass
@@ -142,15 +146,22 @@ def _write_report(storage: Storage, run_id: str) -> str | None:
 def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher) -> None:
     import ray
 
-    from organtrain.search.organ import search_organ
+    from organtrain.search.organ import OrganSearch
 
-    # The organ tasks only drive Tune: they take no CPU, so trials get all of it, and
+    # The controllers only drive Tune: they take no CPU, so trials get all of it, and
     # reserve the controller's memory (resources.search_memory_mb).
     memory = job.cfg.resources.search_memory_mb * 2**20
-    remote = ray.remote(search_organ).options(num_cpus=0, memory=memory, max_retries=0)
+    controller = ray.remote(OrganSearch).options(num_cpus=0, memory=memory, max_restarts=0)
     job = _fair_share(job, len(todo))
     job_ref = ray.put(job)
-    pending = {remote.remote(job_ref, organ): organ for organ in todo}
+
+    def start(organ: str, attempt: int) -> None:
+        actor = controller.remote()
+        running[actor.search.remote(job_ref, organ)] = (organ, actor, attempt)
+
+    running: dict = {}  # search's result ref -> (organ, its controller, restarts so far)
+    for organ in todo:
+        start(organ, 0)
     log.info(
         "searching %d organ(s) at once: %s (%d trials each%s)",
         len(todo), ", ".join(todo), job.cfg.search.samples,
@@ -160,21 +171,43 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
     # stopping now and running the same command later loses at most the epochs in flight.
     try:
         with interrupt_on(signal.SIGTERM, signal.SIGUSR1):
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
                 for ref in ready:
-                    organ = pending.pop(ref)
+                    organ, actor, attempt = running.pop(ref)
                     try:
                         rows[organ] = ray.get(ref)
+                    except ray.exceptions.RayActorError as err:
+                        # The controller's process or node is gone (not an error the
+                        # search raised): a new one restores the organ's search from its
+                        # saved experiment; finished trials stay finished, the others
+                        # resume from their last checkpoint.
+                        if attempt < ORGAN_RETRIES:
+                            log.warning(
+                                "%s: its search's controller was lost (%s); starting it "
+                                "again (%d of %d), the search resumes where it was saved",
+                                organ, _first_line(err), attempt + 1, ORGAN_RETRIES,
+                            )  # fmt: skip
+                            start(organ, attempt + 1)
+                            continue
+                        rows[organ] = _failed_row(job, organ, err)
                     except ray.exceptions.RayError as err:
                         rows[organ] = _failed_row(job, organ, err)
+                    ray.kill(actor)  # done: its memory reservation back to the cluster
                     watcher.organ_finished(organ)
                 watcher.poll()
     except KeyboardInterrupt:
         watcher.write_status("interrupted")
-        for ref in pending:
-            ray.cancel(ref)
+        # Killing a controller ends its trials and frees their placement groups; the
+        # saved experiment (at most the last 2 s older) is what the next run restores.
+        for _, actor, _ in running.values():
+            ray.kill(actor)
         raise
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def _fair_share(job: SweepJob, organs: int) -> SweepJob:
