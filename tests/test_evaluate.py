@@ -80,7 +80,7 @@ def test_row_order_and_class_names_are_fixed():
     y_true = np.array([0, 1, 2])
     rows = evaluate_predictions(y_true, _probs([0, 1, 2], 3), LUNG)
     per_class = ["precision", "recall", "f1", "support"]
-    expected = [("accuracy", None)]
+    expected = [("accuracy", None), ("balanced_accuracy", None)]
     expected += [(m, c) for c in LUNG for m in per_class]
     expected += [("macro_precision", None), ("macro_recall", None), ("macro_f1", None)]
     expected += [("roc_auc", c) for c in LUNG] + [("macro_roc_auc", None)]
@@ -229,8 +229,8 @@ def test_tables_have_exact_schemas_and_concatenate_across_organs():
     metrics = pa.concat_tables([lung_metrics, colon_metrics])
     assert metrics.schema.equals(METRICS_SCHEMA)
     assert set(metrics["organ"].to_pylist()) == {"lung", "colon"}
-    # 1 + 4k + 3 + k + 1 rows per organ.
-    assert metrics.num_rows == (5 + 5 * 3) + (5 + 5 * 2)
+    # 2 + 4k + 3 + k + 1 rows per organ.
+    assert metrics.num_rows == (6 + 5 * 3) + (6 + 5 * 2)
     accuracy = [r for r in lung_metrics.to_pylist() if r["metric"] == "accuracy"]
     assert accuracy == [
         {

@@ -124,7 +124,8 @@ def test_finished_sweep_reads_test_accuracy(tmp_path):
         _status(state="finished", lung=_organ("done", terminated=4, best=0.9, test_accuracy=0.875)),
     )
     rows = _rows(render_status(store, "s", now=NOW))
-    assert rows["lung"] == ["done", "4", "0", "0", "0", "1", "0.900", "0.875"]
+    # No result.json here: balanced accuracy and lowest recall are unknown, not made up.
+    assert rows["lung"] == ["done", "4", "0", "0", "0", "1", "0.900", "0.875", "—", "—"]
 
 
 def test_missing_run_names_the_key(tmp_path):
@@ -150,7 +151,10 @@ def test_real_train_run(tmp_path):
     assert text.startswith(f"run {RUN_ID}: 1 of 1 organ(s) finished (organtrain train run")
     row = _rows(text)["lung"]
     assert row[:4] == ["done", "simple_cnn", "1", "1"]
-    assert row[4] == f"{result['test_accuracy']:.3f}" and row[6] == str(result["test_images"])
+    assert row[4] == f"{result['test_accuracy']:.3f}" and row[8] == str(result["test_images"])
+    assert row[5] == f"{result['test_balanced_accuracy']:.3f}"
+    worst = min(result["test_recall"], key=result["test_recall"].get)
+    assert row[6] == f"{result['test_recall'][worst]:.3f} ({worst})"
 
 
 # --- `organtrain status` exits 0 (issue #16 item 8) ------------------------------------------

@@ -17,7 +17,7 @@ from organtrain.data.manifest import read_parquet
 from organtrain.data.synth import write_synthetic_tree
 from organtrain.errors import ConfigError, OrgantrainError
 from organtrain.storage import LocalStorage
-from organtrain.train import train_organ, trial_prefix
+from organtrain.train import require_same_settings, train_organ, trial_prefix, trial_settings
 
 TINY = {
     "name": "tiny",
@@ -217,3 +217,16 @@ def test_resumed_run_continues_as_an_uninterrupted_one(tiny_job, seeded_run):
     store.delete(f"{trial_prefix('stopped', 'lung')}/result.json")  # as if killed after epoch 1
     train_organ(load_config(tiny_job, SMALL), store, "lung", run_id="stopped", verbose=0)
     assert _numbers(store, "stopped") == seeded_run
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_unless_that_setting_changes():
+    """Settings added to organtrain later (class_weight, mixed_precision, hed_jitter...)
+    are missing from older runs' records: those runs had the setting's default."""
+    cfg = load_config(None, [])
+    saved = trial_settings(cfg)
+    for section, key in (("train", "class_weight"), ("augment", "hed_jitter")):
+        del saved[section][key]
+    require_same_settings(saved, trial_settings(cfg), "runs/old")  # resumes
+    changed = load_config(None, ["train.class_weight=balanced"])
+    with pytest.raises(ConfigError, match=r"train\.class_weight: 'none' -> 'balanced'"):
+        require_same_settings(saved, trial_settings(changed), "runs/old")

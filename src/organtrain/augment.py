@@ -14,6 +14,9 @@ unchanged at inference (`training=False`).
   `C + R·Z·F·(p - C) + R·t` (C the centre, R the rotation, t the shift, Z the per-axis
   zoom, F the flips).
 - `RandomBrightnessScale` multiplies by a random factor, as ImageDataGenerator did.
+- `RandomHEDJitter` (not an ImageDataGenerator knob) scales and shifts each image's
+  haematoxylin, eosin and DAB amounts (Tellez et al. 2019); the colour maths is in
+  `organtrain.stain`, which also holds stain normalisation (not random: a model layer).
 
 Where this does not mean exactly what ImageDataGenerator meant:
 
@@ -49,6 +52,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from organtrain import stain
 from organtrain.config import AugmentConfig
 
 # Each random layer gets its own seed, `seed * _SEEDS_PER_PIPELINE + position`, so that two
@@ -367,6 +371,72 @@ class RandomBrightnessScale(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="organtrain")
+class RandomHEDJitter(keras.layers.Layer):
+    """Tellez et al.'s HED stain jitter: per image and per stain (haematoxylin, eosin,
+    DAB), amount × U[1 - sigma, 1 + sigma] + U[-bias, bias] in scikit-image's HED space
+    (`stain.rgb_to_hed`), back to pixels clipped to `value_range`.
+
+    Staining varies between labs, scanners and days; this varies it the way stains vary
+    (more or less of each dye) rather than hue or brightness at large. sigma 0 and bias 0
+    is the identity (to float rounding). Seeded, stateless with a `seed` tensor, and the
+    identity at inference, as `RandomBrightnessScale`.
+    """
+
+    def __init__(
+        self,
+        sigma: float = 0.0,
+        bias: float = 0.0,
+        value_range: Sequence[float] = (0.0, 255.0),
+        seed: int | None = None,
+        **kwargs: Any,
+    ):
+        # Logs and exps of light: float32 even under a mixed-precision policy.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if not 0.0 <= sigma < 1.0:
+            raise ValueError(f"sigma must be in [0, 1) (a stain's scale stays positive): {sigma}")
+        if bias < 0.0:
+            raise ValueError(f"bias must be >= 0: {bias}")
+        self.sigma = float(sigma)
+        self.bias = float(bias)
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def draw(self, images: Any, seed: Any = None) -> Any:
+        """This call's random draw, (B, 6) uniform in [0, 1): see `hed_scales_and_shifts`.
+        Raw, so the dataset path spends one op per batch on it and the rest compiled."""
+        return _uniform((ops.shape(images)[0], 6), self.seed_generator, seed)
+
+    def call(self, images: Any, training: bool = True, seed: Any = None) -> Any:
+        images = ops.cast(images, self.compute_dtype)
+        if not training:
+            return images
+        batch = images if len(images.shape) == 4 else images[None]
+        scale, shift = hed_scales_and_shifts(self.draw(batch, seed), self.sigma, self.bias)
+        out = stain.hed_jitter(batch, scale, shift, self.value_range)
+        return out if len(images.shape) == 4 else out[0]
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "sigma": self.sigma,
+            "bias": self.bias,
+            "value_range": list(self.value_range),
+            "seed": self.seed,
+        }
+
+
+def hed_scales_and_shifts(unit: Any, sigma: float, bias: float) -> tuple[Any, Any]:
+    """RandomHEDJitter's (B, 3) scales and (B, 3) shifts (H, E, D) from its (B, 6) draw."""
+    signed = 2.0 * unit - 1.0  # uniform in [-1, 1)
+    return 1.0 + sigma * signed[:, :3], bias * signed[:, 3:]
+
+
 def _per_image_shape(images: Any) -> tuple:
     """(B, 1, 1, 1) for a batch, (1, 1, 1) for one image: one random draw per image."""
     if len(images.shape) == 3:
@@ -379,10 +449,14 @@ def _layer_seed(seed: int | None, position: int) -> int | None:
 
 
 def _random_layers(cfg: AugmentConfig) -> list[tuple[type, dict[str, Any]]]:
-    """The random layers (class, arguments): the geometry first, brightness last.
+    """The random layers (class, arguments): the geometry first, then brightness, then
+    the stain jitter.
 
     ImageDataGenerator's order of effect: the affine transform, then flips (both in
-    `RandomAffine`), then brightness (still before rescaling).
+    `RandomAffine`), then brightness (still before rescaling). The HED jitter, which
+    ImageDataGenerator did not have, comes last so that turning it on leaves the other
+    layers' positions, hence their seeds and draws, as they were: a search comparing
+    jitter on and off compares the same geometry and brightness.
     """
     layers: list[tuple[type, dict[str, Any]]] = []
     geometry = {
@@ -398,17 +472,20 @@ def _random_layers(cfg: AugmentConfig) -> list[tuple[type, dict[str, Any]]]:
         layers.append((RandomAffine, {**geometry, **fill}))
     if cfg.brightness_range is not None and tuple(cfg.brightness_range) != (1.0, 1.0):
         layers.append((RandomBrightnessScale, {"factor_range": tuple(cfg.brightness_range)}))
+    if cfg.hed_jitter or cfg.hed_bias:
+        layers.append((RandomHEDJitter, {"sigma": cfg.hed_jitter, "bias": cfg.hed_bias}))
     return layers
 
 
 def build_augmentation(cfg: AugmentConfig, *, seed: int | None = None) -> keras.Sequential:
     """Random training-time transforms (no rescale), in ImageDataGenerator's order of effect.
 
-    At most two layers, `RandomAffine` and `RandomBrightnessScale`; a layer whose knobs are
-    all off is left out, and with every knob off the model is one `Identity` layer (Keras
-    cannot call an empty Sequential). Input: float32 batches (B, H, W, 3) with pixel values
-    in 0..255; output: the same shape and dtype. `seed` makes the random stream reproducible
-    (each layer gets its own seed derived from it).
+    At most three layers, `RandomAffine`, `RandomBrightnessScale` and `RandomHEDJitter`
+    (stain normalisation is not random, so not here: see `organtrain.stain`); a layer whose
+    knobs are all off is left out, and with every knob off the model is one `Identity`
+    layer (Keras cannot call an empty Sequential). Input: float32 batches (B, H, W, 3) with
+    pixel values in 0..255; output: the same shape and dtype. `seed` makes the random stream
+    reproducible (each layer gets its own seed derived from it).
     """
     layers = [
         layer_class(seed=_layer_seed(seed, position), **arguments)
@@ -430,8 +507,9 @@ def augment_in_dataset(
     The layers of `build_augmentation` draw each batch's parameters; one XLA-compiled
     function (`_augment_batch`) then applies them all: the affine resample and the
     brightness factor in one pass over the pixels, ~3x less CPU than the layers' own ops
-    at 224 px (see `affine_resample`). Same knobs, same draws, same sampling; the pixels
-    agree with the layers' to float rounding of the sampled point (tested).
+    at 224 px (see `affine_resample`); the HED jitter's mix, when on, in a second pass
+    (`_hed_from_log2`). Same knobs, same draws, same sampling; the pixels agree with the
+    layers' to float rounding of the sampled point (tested).
 
     The map runs with num_parallel_calls=AUTOTUNE, seeded or not (in `build_dataset`,
     whose tf.data autotuning is off, that is as many calls as TensorFlow has inter-op
@@ -482,13 +560,16 @@ Augmentation = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (images, seeds per
 
 
 def _fused_augmentation(layers: list[keras.layers.Layer]) -> Augmentation:
-    """The layers' draws, applied by `_augment_batch` in one compiled pass."""
+    """The layers' draws, applied by `_augment_batch` in one compiled pass (and, for the
+    HED jitter, a second one: `_hed_from_log2`)."""
     affine = next((layer for layer in layers if isinstance(layer, RandomAffine)), None)
     brightness = next((layer for layer in layers if isinstance(layer, RandomBrightnessScale)), None)
+    hed = next((layer for layer in layers if isinstance(layer, RandomHEDJitter)), None)
     geometry = None
     if affine is not None:
         geometry = (affine.fill_mode, affine.fill_value, affine.interpolation)
     value_range = None if brightness is None else brightness.value_range
+    hed_range = None if hed is None else hed.value_range
 
     def apply(images: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
         # Each layer draws from its own seed, by its position (as `_layer_by_layer`).
@@ -497,7 +578,13 @@ def _fused_augmentation(layers: list[keras.layers.Layer]) -> Augmentation:
             transforms = affine.transforms(images, seeds[layers.index(affine)])
         if brightness is not None:
             factors = brightness.factors(images, seeds[layers.index(brightness)])
-        return _augment_batch(images, transforms, factors, geometry, value_range)
+        out = _augment_batch(images, transforms, factors, geometry, value_range, hed_range)
+        if hed is None:
+            return out
+        # `out` is the log2 light here; the jitter's mix and exp are a second compiled
+        # function, so XLA resamples each pixel once (see `stain.log2_light`).
+        unit = hed.draw(images, seeds[layers.index(hed)])
+        return _hed_from_log2(out, unit, hed.sigma, hed.bias, hed_range)
 
     return apply
 
@@ -520,13 +607,16 @@ def _augment_batch(
     factors: tf.Tensor | None,
     geometry: tuple[str, float, str] | None,
     value_range: tuple[float, float] | None,
+    hed_range: tuple[float, float] | None = None,
 ) -> tf.Tensor:
-    """RandomAffine's resample, then RandomBrightnessScale's factor and clip, in one pass.
+    """RandomAffine's resample, then RandomBrightnessScale's factor and clip, in one pass;
+    with `hed_range`, then the log2 light RandomHEDJitter mixes (`stain.log2_light`),
+    which is then what it returns (`_hed_from_log2` finishes the jitter).
 
-    Compiled, XLA fuses the point arithmetic, the four gathers, the blend and the brightness
-    into one loop over the output pixels, with no intermediate images. `geometry` (fill
-    mode, fill value, interpolation) and `value_range` are Python values, part of the
-    trace; None leaves that step out.
+    Compiled, XLA fuses the point arithmetic, the four gathers, the blend, the brightness
+    and the log into one loop over the output pixels, with no intermediate images.
+    `geometry` (fill mode, fill value, interpolation), `value_range` and `hed_range` are
+    Python values, part of the trace; None leaves that step out.
     """
     if transforms is not None:
         fill_mode, fill_value, interpolation = geometry
@@ -536,7 +626,25 @@ def _augment_batch(
         )  # fmt: skip
     if factors is not None:
         images = tf.clip_by_value(images * factors, value_range[0], value_range[1])
+    if hed_range is not None:
+        images = stain.log2_light(images, hed_range[1])
     return images
+
+
+@tf.function(jit_compile=True)
+def _hed_from_log2(
+    log2_light: tf.Tensor,
+    unit: tf.Tensor,
+    sigma: float,
+    bias: float,
+    value_range: tuple[float, float],
+) -> tf.Tensor:
+    """RandomHEDJitter from its draw `unit`, on the log2 light `_augment_batch` returned:
+    the per-image matrices (tiny), the mix and the exp, compiled; `sigma`, `bias` and
+    `value_range` are Python values, part of the trace."""
+    scale, shift = hed_scales_and_shifts(unit, sigma, bias)
+    matrices, offsets = stain.hed_log_affine(scale, shift)
+    return stain.light_from_log2(log2_light, matrices, offsets, value_range)
 
 
 @functools.cache

@@ -93,6 +93,10 @@ class PrepareConfig:
     groups_table: str = ""
     # Join rotated/flipped/re-compressed/resized copies of one image into one split unit.
     near_duplicates: bool = True
+    # Read every source file again. Off: a file whose key, size and modification time (S3:
+    # ETag) are unchanged since the latest version reuses its manifest row unread, and an
+    # unchanged listing reuses the version (data/incremental.py). `prepare --rehash` sets it.
+    rehash: bool = False
 
     def __post_init__(self):
         _require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be between 0 and 1")
@@ -148,6 +152,16 @@ class AugmentConfig:
     # Where augmentation runs: "dataset" (tf.data on the CPU), "model" (the first layers of
     # the training graph, so on the GPU), or "auto" (model when a GPU is visible).
     placement: str = "auto"
+    # HED stain jitter (Tellez et al. 2019), per image and stain (haematoxylin, eosin, DAB):
+    # amount × U[1 - hed_jitter, 1 + hed_jitter] + U[-hed_bias, hed_bias], in scikit-image's
+    # HED units (optical density / 13.8). 0 and 0: off. Light 0.05/0.001, strong 0.2/0.005.
+    hed_jitter: float = 0.0
+    hed_bias: float = 0.0
+    # Not random, and in the saved model, so applied at inference too: none, reinhard or
+    # macenko, against `stain_reference` (a PNG/JPEG path or s3:// URI), or when that is
+    # empty, against the first 64 images of the organ's train split.
+    stain_normalization: str = "none"
+    stain_reference: str = ""
 
     def __post_init__(self):
         _require(self.rescale > 0, "rescale", "must be positive (1/255 maps pixels to 0..1)")
@@ -172,18 +186,49 @@ class AugmentConfig:
             "placement",
             "must be auto, dataset or model",
         )
+        _require(
+            0 <= self.hed_jitter < 1,
+            "hed_jitter",
+            "must be in [0, 1): the stain scale is drawn from [1 - hed_jitter, 1 + hed_jitter] "
+            "(0.05 light, 0.2 strong; 0 for none)",
+        )
+        _require(
+            0 <= self.hed_bias < 1,
+            "hed_bias",
+            "must be in [0, 1): the stain shift in HED units (OD / 13.8), 0.001 light, "
+            "0.005 strong, 0 for none",
+        )
+        _require(
+            self.stain_normalization in ("none", "reinhard", "macenko"),
+            "stain_normalization",
+            f"must be none, reinhard or macenko, not {self.stain_normalization!r}",
+        )
+        _require(
+            not self.stain_reference or self.stain_normalization != "none",
+            "stain_reference",
+            "is set but stain_normalization is none: choose reinhard or macenko, "
+            "or remove stain_reference",
+        )
 
 
 # The names organtrain.models builds (a test checks they match its registry). Listed here
-# so that loading a config can reject a typo without importing Keras.
-MODEL_NAMES = ("simple_cnn", "vgg16", "mobilenet_v2")
+# so that loading a config can reject a typo without importing Keras. All but simple_cnn
+# are keras.applications bases pretrained on ImageNet (model.weights applies to them only).
+PRETRAINED_MODEL_NAMES = (
+    "vgg16", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_v2_b0", "resnet50",
+    "convnext_tiny",
+)  # fmt: skip
+MODEL_NAMES = ("simple_cnn", *PRETRAINED_MODEL_NAMES)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to build, by registry name (see organtrain.models)."""
 
-    name: str = "simple_cnn"  # simple_cnn, vgg16, mobilenet_v2
+    # simple_cnn, or a pretrained base: vgg16, mobilenet_v2, mobilenet_v3_small,
+    # efficientnet_v2_b0, resnet50, convnext_tiny (all take input.image_size >= 32;
+    # README "Models" lists their preprocessing).
+    name: str = "simple_cnn"
     # simple_cnn: Conv2D/MaxPooling blocks, pooling, Dropout, Dense
     filters: list[int] = field(default_factory=lambda: [32, 64, 64])  # one block each
     # How the last feature map becomes a vector: "max" / "avg" (global pooling: is there such
@@ -193,8 +238,9 @@ class ModelConfig:
     dense_units: int = 64  # a hidden Dense layer before the classifier; 0 for none
     dropout: float = 0.3
     batch_norm: bool = False
-    # Transfer learning: "imagenet" (Keras downloads it: needs internet), a path to a
-    # no-top .weights.h5 file (local or s3://, for nodes without internet), or null.
+    # Pretrained bases: "imagenet" (Keras downloads it: needs internet, else a clear
+    # error), a path to a no-top weights file (the .h5 Keras downloads, or a .weights.h5;
+    # local or s3://, for nodes without internet), or null (random weights).
     weights: str | None = "imagenet"
     fine_tune_layers: int = 0  # unfreeze this many layers at the top of the pretrained base
 
@@ -217,6 +263,10 @@ def _unknown_model_message(name: str) -> str:
     return f"{name!r} is not a known model; {hint}known models: {', '.join(MODEL_NAMES)}"
 
 
+CLASS_WEIGHTS = ("none", "balanced")
+MIXED_PRECISION = ("off", "on", "auto", "mixed_float16", "mixed_bfloat16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run of one organ's model."""
@@ -231,6 +281,14 @@ class TrainConfig:
     # Replicas when no GPU is visible: MirroredStrategy over this many logical CPU devices
     # (how tests exercise multi-replica training). With GPUs, every visible GPU is used.
     cpu_replicas: int = 1
+    # Weights of each image's loss by its diagnosis: "none", or "balanced" (scikit-learn's
+    # n_images / (n_classes * n_images_of_class), from the organ's training split), so a
+    # rare diagnosis weighs as much in the loss as a common one. Searchable.
+    class_weight: str = "none"
+    # "off" (float32), "on" (float16 on a GPU, the loss scaled; bfloat16 without one),
+    # "auto" (on when a GPU is visible), or a Keras policy: mixed_float16, mixed_bfloat16.
+    # Weights and the output softmax stay float32.
+    mixed_precision: str = "off"
 
     def __post_init__(self):
         _require(self.epochs >= 1, "epochs", "must be at least 1")
@@ -242,6 +300,22 @@ class TrainConfig:
         _require(self.learning_rate > 0, "learning_rate", "must be positive")
         _require(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
         _require(self.cpu_replicas >= 1, "cpu_replicas", "must be at least 1")
+        _require(
+            self.class_weight in CLASS_WEIGHTS,
+            "class_weight",
+            f"must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r} (balanced: "
+            "weigh each diagnosis's images inversely to their number in the training split)",
+        )
+        _require(
+            self.mixed_precision in MIXED_PRECISION,
+            "mixed_precision",
+            f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
+        )
+
+
+# What a trial reports each epoch (train.compiled_model's loss and metrics).
+SEARCH_METRICS = ("val_loss", "val_accuracy", "val_balanced_accuracy",
+                  "loss", "accuracy", "balanced_accuracy")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -261,7 +335,9 @@ class SearchConfig:
     scheduler: str = "asha"  # fifo (run every trial to the end), asha or pbt
     # What selects trials and stops them early: validation only; the test split is read
     # once, by the chosen model's final evaluation.
-    metric: str = "val_loss"  # val_loss, val_accuracy, loss or accuracy (Keras' names)
+    # Keras' names: val_loss, val_accuracy, val_balanced_accuracy (mean per-class recall:
+    # for imbalanced diagnoses, with mode max), or the same on the training batches.
+    metric: str = "val_loss"
     mode: str = "min"  # min or max
     grace_period: int = 3  # asha: epochs every trial runs before it can be stopped
     reduction_factor: int = 3  # asha: about 1 in reduction_factor trials go on at each rung
@@ -278,9 +354,9 @@ class SearchConfig:
             self.scheduler in ("fifo", "asha", "pbt"), "scheduler", "must be fifo, asha or pbt"
         )
         _require(
-            self.metric in ("val_loss", "val_accuracy", "loss", "accuracy"),
+            self.metric in SEARCH_METRICS,
             "metric",
-            "must be val_loss, val_accuracy, loss or accuracy",
+            f"must be {', '.join(SEARCH_METRICS)} (what a trial reports each epoch)",
         )
         _require(self.mode in ("min", "max"), "mode", "must be min or max")
         _require(self.grace_period >= 1, "grace_period", "must be at least 1 epoch")
@@ -320,6 +396,10 @@ class ResourcesConfig:
         _require(self.search_memory_mb >= 0, "search_memory_mb", "must be >= 0 (0: reserve none)")
 
 
+# Test-split metrics a challenger and the champion are compared on (stats.METRICS).
+PROMOTION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")
+
+
 @dataclass(frozen=True)
 class NightlyConfig:
     """`organtrain nightly`: what changed, what to retrain, when a challenger wins."""
@@ -327,12 +407,17 @@ class NightlyConfig:
     retrain_all: bool = False  # retrain every organ, changed or not
     # The challenger replaces the champion when, on the same test images, its metric is at
     # least the champion's minus `margin` (0: not worse).
-    metric: str = "accuracy"  # accuracy, macro_f1 or macro_roc_auc
+    metric: str = "accuracy"  # accuracy, balanced_accuracy, macro_f1 or macro_roc_auc
     margin: float = 0.0
     # Also require a significant improvement: exact McNemar test and the paired bootstrap
     # interval of the difference both at `alpha`.
     require_significant: bool = False
     alpha: float = 0.05
+    # With require_significant, tonight's paired tests (one per organ compared) are one
+    # family: "holm" keeps the chance that any organ gets a not-better model below alpha,
+    # "bh" (Benjamini-Hochberg) keeps the expected share of wrong promotions below alpha
+    # (more promotions when many organs improve), "none" tests each organ alone.
+    correction: str = "holm"
     # A new diagnosis changes the label set: the old champion cannot classify it, so the
     # two cannot be compared like for like. "promote" the challenger, or "keep" the champion
     # until a person decides (`organtrain models promote`).
@@ -343,12 +428,15 @@ class NightlyConfig:
 
     def __post_init__(self):
         _require(
-            self.metric in ("accuracy", "macro_f1", "macro_roc_auc"),
+            self.metric in PROMOTION_METRICS,
             "metric",
-            "must be accuracy, macro_f1 or macro_roc_auc",
+            f"must be one of {', '.join(PROMOTION_METRICS)}",
         )
         _require(0 <= self.margin < 1, "margin", "must be in [0, 1)")
         _require(0 < self.alpha < 1, "alpha", "must be between 0 and 1")
+        _require(
+            self.correction in ("holm", "bh", "none"), "correction", "must be holm, bh or none"
+        )
         _require(
             self.on_new_diagnosis in ("promote", "keep"),
             "on_new_diagnosis",

@@ -26,7 +26,7 @@ from sklearn.metrics import (
 class MetricRow:
     """One number about a split: a whole-split metric (class_name None) or a per-class one."""
 
-    metric: str  # accuracy, precision, recall, f1, support, roc_auc, loss, macro_f1, ...
+    metric: str  # accuracy, balanced_accuracy, precision, recall, f1, support, roc_auc, ...
     value: float
     class_name: str | None = None  # None for whole-split and macro_* metrics
 
@@ -77,12 +77,17 @@ def _one_vs_rest_auc(is_class: np.ndarray, score: np.ndarray) -> float:
 def evaluate_predictions(
     y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]
 ) -> list[MetricRow]:
-    """Accuracy, per-class and macro precision/recall/f1/support, one-vs-rest ROC AUC.
+    """Accuracy, balanced accuracy, per-class and macro precision/recall/f1/support,
+    one-vs-rest ROC AUC.
 
     y_true holds int labels (n,), y_prob softmax probabilities (n, k); the prediction is the
-    most probable class. Rows come in a fixed order: accuracy; precision, recall, f1, support
-    for each class; macro_precision, macro_recall, macro_f1; roc_auc for each class;
-    macro_roc_auc.
+    most probable class. Rows come in a fixed order: accuracy; balanced_accuracy;
+    precision, recall, f1, support for each class; macro_precision, macro_recall, macro_f1;
+    roc_auc for each class; macro_roc_auc.
+
+    balanced_accuracy is scikit-learn's: the mean recall over the classes present in
+    y_true. It differs from macro_recall only when a class is absent from the split
+    (macro_recall counts that class's recall as 0).
 
     Undefined ratios follow scikit-learn's zero_division=0: a class never predicted has
     precision 0, a class absent from y_true recall 0 (and both count as 0 in the macro
@@ -96,7 +101,10 @@ def evaluate_predictions(
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=list(range(k)), average=None, zero_division=0.0
     )
-    rows = [MetricRow("accuracy", float(np.mean(predicted == labels)))]
+    rows = [
+        MetricRow("accuracy", float(np.mean(predicted == labels))),
+        MetricRow("balanced_accuracy", float(np.mean(recall[support > 0]))),
+    ]
     for i, name in enumerate(class_names):
         rows += [
             MetricRow("precision", float(precision[i]), name),

@@ -51,7 +51,7 @@ def _sweep_header(run: Run, now: datetime) -> str:
 def _sweep_table(run: Run) -> str:
     metric = run.status.get("metric", "metric")
     headers = ["organ", "state", "done", "running", "pending", "errored", "stopped early",
-               f"best {metric}", "test accuracy", "error"]  # fmt: skip
+               f"best {metric}", "test accuracy", *IMBALANCE_HEADERS, "error"]  # fmt: skip
     rows = []
     for organ in run.organs.values():
         entry = organ.status or {}
@@ -61,7 +61,7 @@ def _sweep_table(run: Run) -> str:
                                         ("terminated", "running", "pending", "error")),
             _count(entry.get("stopped_early")), _number(entry.get("best")),
             _number(entry.get("test_accuracy") or (organ.result or {}).get("test_accuracy")),
-            _short(organ.error),
+            *_imbalance_cells(organ.result), _short(organ.error),
         ])  # fmt: skip
     return _table(headers, rows)
 
@@ -76,8 +76,8 @@ def _files_header(run: Run) -> str:
 
 
 def _files_table(run: Run) -> str:
-    headers = ["organ", "state", "model", "epochs", "best epoch", "test accuracy", "macro F1",
-               "test images", "error"]  # fmt: skip
+    headers = ["organ", "state", "model", "epochs", "best epoch", "test accuracy",
+               *IMBALANCE_HEADERS, "macro F1", "test images", "error"]  # fmt: skip
     return _table(headers, [_files_row(o) for o in run.organs.values()])
 
 
@@ -94,9 +94,26 @@ def _files_row(organ: OrganRun) -> list[str]:
         state = "training (or interrupted: re-run to resume)"
     return [
         organ.organ, state, result.get("model", "—"), _count(epochs), _count(best),
-        _number(result.get("test_accuracy")), _number(result.get("test_macro_f1")),
+        _number(result.get("test_accuracy")), *_imbalance_cells(organ.result),
+        _number(result.get("test_macro_f1")),
         _count(result.get("test_images")), _short(organ.error),
     ]  # fmt: skip
+
+
+# Accuracy hides a rare diagnosis the model misses: the mean recall over diagnoses, and the
+# diagnosis recalled worst, show it.
+IMBALANCE_HEADERS = ("balanced accuracy", "lowest recall")
+
+
+def _imbalance_cells(result: dict | None) -> list[str]:
+    """[balanced accuracy, "recall (diagnosis)" of the worst-recalled diagnosis] from a
+    result.json; "—" for runs that are not finished or predate these figures."""
+    result = result or {}
+    recalls = {k: v for k, v in (result.get("test_recall") or {}).items() if v == v}  # not NaN
+    if not recalls:
+        return [_number(result.get("test_balanced_accuracy")), "—"]
+    worst = min(recalls, key=recalls.get)
+    return [_number(result.get("test_balanced_accuracy")), f"{recalls[worst]:.3f} ({worst})"]
 
 
 # --- Formatting -----------------------------------------------------------------------------

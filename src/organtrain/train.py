@@ -3,6 +3,7 @@
 Everything a trial writes lives under `runs/<run_id>/<organ>/` in the run's storage:
 
     checkpoint/state.json, checkpoint/epoch-NNNN.keras   while training (see checkpoint.py)
+    tensorboard/{train,validation}/                      every epoch (see tensorboard.py)
     model.keras                                           the best epoch's model
     metrics/{metrics,confusion,history,predictions}.parquet   tidy tables (see evaluate.py)
     plots/{learning_curves,confusion_matrix,roc}.png
@@ -36,11 +37,14 @@ from organtrain.data.dataset import DatasetIndex, load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.data.pipeline import build_dataset, shard_files
 from organtrain.errors import ConfigError, DataError
-from organtrain.models import build_model
+from organtrain.metrics import BalancedAccuracy
+from organtrain.models import build_model, loss_scaled, precision_policy
 from organtrain.search.job import trial_prefix
+from organtrain.stain import normalization_layer, training_reference
 from organtrain.storage import Storage, join_key
 from organtrain.storage.lock import LockHeld, StorageLock
 from organtrain.strategy import make_strategy
+from organtrain.tensorboard import EpochLog, train_log_prefix
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -66,6 +70,9 @@ class TrainResult:
     uri: str
     settings: dict  # the configuration that trained it (see trial_settings)
     search: dict | None = None  # for a sweep's chosen trial: which trial, among how many
+    test_balanced_accuracy: float = float("nan")  # mean per-class recall (NaN: older runs)
+    test_recall: dict[str, float] | None = None  # diagnosis -> its recall on the test split
+    class_weights: dict[str, float] | None = None  # diagnosis -> loss weight (class_weight)
 
 
 # A lock's holder rewrites it every 30 s (storage.lock.HEARTBEAT_S); one not rewritten for
@@ -111,12 +118,22 @@ def trial_settings(cfg: RunConfig) -> dict:
 
 
 def require_same_settings(saved: dict, current: dict, where: str) -> None:
-    """Re-running a run id with another configuration would silently mix two experiments."""
+    """Re-running a run id with another configuration would silently mix two experiments.
+
+    A setting missing from the saved record was added to organtrain after the run started:
+    the run had its default (a new setting's default is the behaviour before it), so a run
+    started by an older version resumes unless the new setting is changed."""
+    defaults = trial_settings(RunConfig())
+
+    def recorded(section: str, key: str):
+        values = saved.get(section, {})
+        return values[key] if key in values else defaults.get(section, {}).get(key)
+
     changed = [
-        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        f"{section}.{key}: {recorded(section, key)!r} -> {value!r}"
         for section, values in current.items()
         for key, value in values.items()
-        if saved.get(section, {}).get(key) != value
+        if recorded(section, key) != value
     ]
     if changed:
         raise ConfigError(
@@ -178,10 +195,16 @@ def _train_organ(
         "%s: %s on %d replica(s), global batch %d, from epoch %d of %d",
         organ, cfg.model.name, replicas, global_batch, state.epoch + 1, cfg.train.epochs,
     )  # fmt: skip
+    # Fitted on the training split for a fresh model; a checkpoint carries its own.
+    reference = None if state.latest else training_reference(cfg, storage, index, organ)
     with strategy.scope():
-        model = _model(cfg, storage, prefix, state, len(classes))
+        model = _model(cfg, storage, prefix, state, len(classes), reference)
     if state.epoch < cfg.train.epochs and not state.stopped_early:
-        callbacks = [DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience)]
+        callbacks = [
+            DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience),
+            # After the checkpoint: an epoch shows in TensorBoard once it is committed.
+            EpochLog(storage, train_log_prefix(prefix), state.history),
+        ]
         fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch, callbacks,
             verbose=verbose)  # fmt: skip
     best = load_checkpoint(storage, prefix, state.best)
@@ -242,10 +265,15 @@ def fit(
     """Train from `first_epoch` to cfg.train.epochs, as `train` and a sweep's trial both do:
     one stream of epochs (the pipeline shuffles), dropout reseeded each epoch, and a damaged
     shard named (CorruptShardError), not a bare DataLossError."""
+    weights = class_weights(cfg, index, organ)
+    if weights:
+        shown = ", ".join(f"{name} {weight:.3f}" for name, weight in weights.items())
+        log.info("%s: class weights (train.class_weight balanced): %s", organ, shown)
     with shard_read_errors():
         model.fit(
             train_ds,
             validation_data=val_ds,
+            class_weight=dict(enumerate(weights.values())) if weights else None,
             epochs=cfg.train.epochs,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch(index, organ, global_batch),
@@ -253,6 +281,23 @@ def fit(
             shuffle=False,
             verbose=verbose,
         )
+
+
+def class_weights(cfg: RunConfig, index: DatasetIndex, organ: str) -> dict[str, float] | None:
+    """Loss weight per diagnosis, in label order; None for `train.class_weight: none`.
+
+    balanced: scikit-learn's n / (k * n_c), n_c the diagnosis's images in the organ's
+    training split, n their sum and k the diagnoses that have any: each diagnosis then
+    carries the same total weight, and the mean weight per image is 1, so the loss keeps
+    its scale. A diagnosis without training images (prepare leaves those out) gets 1.
+    """
+    if cfg.train.class_weight == "none":
+        return None
+    counts = index.organs[organ].counts.get("train", {})
+    diagnoses = index.diagnoses(organ)
+    seen = [counts.get(d, 0) for d in diagnoses if counts.get(d, 0) > 0]
+    total, present = sum(seen), len(seen)
+    return {d: total / (present * counts[d]) if counts.get(d, 0) else 1.0 for d in diagnoses}
 
 
 def steps_per_epoch(index: DatasetIndex, organ: str, global_batch: int) -> int:
@@ -279,26 +324,42 @@ class ReseedEachEpoch(keras.callbacks.Callback):
             state.assign(np.array([key, 0], dtype=state.dtype))
 
 
-def _model(cfg: RunConfig, storage: Storage, prefix: str, state: TrainingState, n_classes: int):
+def _model(
+    cfg: RunConfig,
+    storage: Storage,
+    prefix: str,
+    state: TrainingState,
+    n_classes: int,
+    stain_reference: dict | None = None,
+):
     """A fresh compiled model, or the last checkpoint (optimizer state included)."""
     if state.latest:
         return load_checkpoint(storage, prefix, state.latest)
-    return compiled_model(cfg, n_classes)
+    return compiled_model(cfg, n_classes, stain_reference)
 
 
-def compiled_model(cfg: RunConfig, n_classes: int) -> keras.Model:
-    """A fresh model as `cfg` describes it, compiled with its optimizer."""
+def compiled_model(
+    cfg: RunConfig, n_classes: int, stain_reference: dict | None = None
+) -> keras.Model:
+    """A fresh model as `cfg` describes it, compiled with its optimizer. `stain_reference`
+    (`stain.training_reference`) is needed when augment.stain_normalization is on."""
     augmentation = None
     if resolve_placement(cfg.augment) == "model":
         augmentation = build_augmentation(cfg.augment, seed=cfg.train.seed)
+    precision = precision_policy(cfg.train.mixed_precision)
     model = build_model(
         cfg.model, num_classes=n_classes, image_size=cfg.input.image_size,
-        rescale=cfg.augment.rescale, augmentation=augmentation,
+        rescale=cfg.augment.rescale, augmentation=augmentation, precision=precision,
+        stain_normalization=normalization_layer(
+            cfg.augment.stain_normalization, stain_reference),
     )  # fmt: skip
     optimizer = keras.optimizers.get(
         {"class_name": cfg.train.optimizer, "config": {"learning_rate": cfg.train.learning_rate}}
     )
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    optimizer = loss_scaled(optimizer, precision)
+    # Balanced accuracy each epoch (val_balanced_accuracy): a sweep may select on it.
+    metrics = ["accuracy", BalancedAccuracy(n_classes)]
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=metrics)
     return model
 
 
@@ -385,7 +446,9 @@ def finish(
         stopped_early=state.stopped_early, test_accuracy=value[("accuracy", None)],
         test_macro_f1=value[("macro_f1", None)], test_images=len(y_true),
         seconds=time.monotonic() - started, uri=storage.url(prefix), settings=state.settings,
-        search=search,
+        search=search, test_balanced_accuracy=value[("balanced_accuracy", None)],
+        test_recall={c: value[("recall", c)] for c in classes},
+        class_weights=class_weights(cfg, index, organ),
     )  # fmt: skip
     out.put_bytes(RESULT, json.dumps(asdict(result), indent=2).encode())  # the trial is done
     log.info("%s: test accuracy %.3f, macro F1 %.3f (%d images)", organ,

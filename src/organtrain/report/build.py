@@ -3,7 +3,9 @@
     runs/<run_id>/report.html
 
 A summary table (one row per organ, every test metric with its 95 % bootstrap interval),
-then one section per organ: figures, calibration, class balance, rejected files, the
+then one section per organ: per-diagnosis recall, precision and F1 (a rare diagnosis the
+model misses shows here, where accuracy hides it), figures, calibration, class balance,
+rejected files, the
 leakage check (no patient/slide group or near-duplicate image in two splits; the closest
 train/test pairs side by side), the trials of its search, and the test images it got
 wrong. Organs that failed show their error; organs still running say so. An optional
@@ -66,6 +68,7 @@ class OrganFacts:
 
     intervals: dict[str, stats.Interval] | None = None
     reliability: evaluate.Reliability | None = None
+    metrics: list[evaluate.MetricRow] = field(default_factory=list)  # as metrics.parquet
     predictions: list[dict] = field(default_factory=list)
     problem: str | None = None
 
@@ -132,6 +135,7 @@ def _organ_facts(run: Run, organ: OrganRun, resamples: int) -> OrganFacts:
     return OrganFacts(
         intervals=stats.bootstrap_metrics(labels, prob, classes, resamples=resamples),
         reliability=evaluate.reliability(labels, prob),
+        metrics=evaluate.evaluate_predictions(labels, prob, classes),
         predictions=rows,
     )
 
@@ -218,9 +222,9 @@ def _split_changes(dataset: DatasetView) -> str:
 
 
 def _summary(run: Run, dataset: DatasetView, facts: dict[str, OrganFacts]) -> str:
-    headers = ["organ", "state", "model", "configuration", "test accuracy", "macro-F1",
-               "macro ROC AUC", "ECE", "train / val / test images", "trials (stopped early)",
-               "time"]  # fmt: skip
+    headers = ["organ", "state", "model", "configuration", "test accuracy",
+               "balanced accuracy", "macro-F1", "macro ROC AUC", "ECE",
+               "train / val / test images", "trials (stopped early)", "time"]  # fmt: skip
     rows, classes = [], []
     for name, organ in run.organs.items():
         i = facts[name].intervals or {}
@@ -240,8 +244,10 @@ def _summary(run: Run, dataset: DatasetView, facts: dict[str, OrganFacts]) -> st
         classes.append("failed" if organ.state == "failed" else "")
     note = (
         "Test metrics with their 95 % percentile-bootstrap interval below (resampling the "
-        "test images); ECE: expected calibration error of the predicted class's probability "
-        "(0 = perfectly calibrated)."
+        "test images); balanced accuracy: the mean of the per-diagnosis recalls (a model "
+        "that never predicts a rare diagnosis loses its share here, not in accuracy); ECE: "
+        "expected calibration error of the predicted class's probability (0 = perfectly "
+        "calibrated)."
     )
     return (
         '<section id="summary"><h2>Summary</h2>'
@@ -274,6 +280,7 @@ def _organ_section(
         parts.append(f'<pre class="error">{h.text(organ.error)}</pre>')
     if organ.result:
         parts.append(_result_facts(organ))
+        parts.append(_per_diagnosis(organ, facts))
         parts.append(_figures(run, organ, facts))
     if facts.problem:
         parts.append(f'<p class="note">{h.text(facts.problem)}</p>')
@@ -314,6 +321,36 @@ def _result_facts(organ: OrganRun) -> str:
         )
     lines.append(f"Files: <code>{h.text(r.get('uri'))}</code>")
     return "<p>" + "<br>".join(lines) + "</p>"
+
+
+def _per_diagnosis(organ: OrganRun, facts: OrganFacts) -> str:
+    """Recall, precision, F1 and test images per diagnosis, and the loss weight each had
+    in training (train.class_weight), from the same predictions as the summary."""
+    if not facts.metrics:
+        return ""
+    value = {(r.metric, r.class_name): r.value for r in facts.metrics}
+    weights = (organ.result or {}).get("class_weights") or {}
+    classes = organ.result.get("classes", [])
+    headers = ["diagnosis", "test images", "recall", "precision", "F1"]
+    if weights:
+        headers.append("loss weight")
+    rows = []
+    for name in classes:
+        row = [f"<i>{h.text(name)}</i>", h.number(int(value[("support", name)])),
+               *(h.number(value[(m, name)]) for m in ("recall", "precision", "f1"))]  # fmt: skip
+        if weights:
+            row.append(h.number(weights.get(name)))
+        rows.append(row)
+    balanced = value[("balanced_accuracy", None)]
+    note = (
+        f"Balanced accuracy {balanced:.3f}: the mean recall over the diagnoses in the test "
+        f"split; accuracy {value[('accuracy', None)]:.3f}."
+        + (" Trained with train.class_weight: balanced." if weights else "")
+    )
+    return (
+        "<h3>Per diagnosis, on the test split</h3>"
+        f'{h.table(headers, rows)}<p class="note">{h.text(note)}</p>'
+    )
 
 
 def _fmt(value) -> str:
@@ -624,8 +661,8 @@ def _thumbnails(
 
 
 # Columns of trials.parquet that the section's context already says, or that only
-# matter to machines (epoch-second timestamps).
-_TRIAL_COLUMNS_HIDDEN = {"run_id", "organ", "metric", "started", "ended"}
+# matter to machines (epoch-second timestamps, Ray's 56-digit node ids; node_ip stays).
+_TRIAL_COLUMNS_HIDDEN = {"run_id", "organ", "metric", "started", "ended", "node_id"}
 
 
 def _trials_table(run: Run, organ: OrganRun) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +18,11 @@ import keras
 
 from organtrain.checkpoint import TrainingState
 from organtrain.data.dataset import load_dataset
-from organtrain.search.job import MODEL_FILE, STATE_FILE, SweepJob
+from organtrain.search.job import MODEL_FILE, STATE_FILE, SweepJob, trial_prefix
 from organtrain.search.space import trial_config
+from organtrain.stain import training_reference
 from organtrain.strategy import make_strategy
+from organtrain.tensorboard import EpochLog, trial_log_prefix
 from organtrain.train import compiled_model, datasets, fit, trial_settings
 
 
@@ -52,21 +53,21 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
         else:
             monitor = "val_loss" if has_val else "loss"
             state = TrainingState(index.version, monitor=monitor, settings=trial_settings(cfg))
-            model = compiled_model(cfg, len(classes))
+            reference = training_reference(cfg, storage, index, organ)  # None: not used
+            model = compiled_model(cfg, len(classes), reference)
     if state.epoch >= cfg.train.epochs or state.stopped_early:
         return  # finished before the restart; its results are already reported
     state.started = state.started or time.time()
     state.starts.append(state.epoch)  # a resumed trial shows where it picked up
     # The epochs still to run; epoch k's batches and dropout depend only on (seed, k).
     train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch, state.epoch)
-    callbacks = [ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ)]
-    trial_dir = tune.get_context().get_trial_dir()
-    if trial_dir:
-        callbacks.append(
-            keras.callbacks.TensorBoard(
-                os.path.join(trial_dir, "tensorboard"), write_graph=False, profile_batch=0
-            )
-        )
+    logs = trial_log_prefix(trial_prefix(job.run_id, organ), tune.get_context().get_trial_id())
+    callbacks = [
+        # Before the report: Tune may end this thread inside the report of the last epoch
+        # (ASHA's max_t, a stopped trial), and nothing after it would run.
+        EpochLog(storage, logs, state.history),
+        ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ),
+    ]
     fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch, callbacks,
         verbose=0)  # fmt: skip
 
@@ -79,6 +80,7 @@ class ReportToTune(keras.callbacks.Callback):
         self.state, self.patience, self.replicas, self.organ = state, patience, replicas, organ
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        import ray
         from ray import tune
 
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -91,6 +93,9 @@ class ReportToTune(keras.callbacks.Callback):
             "stopped_early": self.state.stopped_early,
             "trial_started": self.state.started,
             "trained_organ": self.organ,  # whose images this trial trained on
+            # Which Ray node ran this epoch (Tune adds its IP, node_ip): a trial resumed
+            # elsewhere after a lost node shows both, and a misbehaving node is found.
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
         with tempfile.TemporaryDirectory() as folder:
             self.model.save(Path(folder, MODEL_FILE))
