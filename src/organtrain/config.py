@@ -344,7 +344,7 @@ class SearchConfig:
     perturbation_interval: int = 4  # pbt: epochs between exploiting better trials
     max_concurrent_trials: int = 0  # per organ; 0: as many as the cluster has room for
     max_failures: int = 1  # retries of a failed trial, from its last checkpoint
-    seed: int = 0  # of the random sampling of the space
+    seed: int = 0  # of the random sampling of the space (each organ draws its own)
     space: dict[str, Any] = field(default_factory=dict)
     organ_space: dict[str, dict[str, Any]] = field(default_factory=dict)
 

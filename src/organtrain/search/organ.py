@@ -26,7 +26,7 @@ from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import OrgantrainError
 from organtrain.search import results
 from organtrain.search.job import MODEL_FILE, STATE_FILE, SweepJob, progress_key, trial_prefix
-from organtrain.search.space import organ_space, pbt_mutations, trial_config
+from organtrain.search.space import organ_space, pbt_mutations, sampling_seed, trial_config
 from organtrain.storage import join_key
 
 
@@ -87,7 +87,9 @@ def search_organ(job: SweepJob, organ: str) -> dict:
                 mode=search.mode,
                 num_samples=search.samples,
                 scheduler=_scheduler(job, space),
-                search_alg=tune.search.BasicVariantGenerator(random_state=search.seed),
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=sampling_seed(search.seed, organ)
+                ),
                 max_concurrent_trials=search.max_concurrent_trials or None,
                 # A trial's worker process starts Python, Ray and TensorFlow (seconds on a
                 # small machine); the organ's next trial reuses it (bench/RESULTS.md).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,17 @@ def _check_draws_fit_the_type(cfg: RunConfig, dim: Dimension, where: str) -> Non
             f"{where}: {dim.field} is an integer; use randint (e.g. randint: [{low}, {high + 1}] "
             f"for {low}..{high}: high is excluded) or choice ({dim.kind} draws fractions)"
         )
+
+
+def sampling_seed(seed: int, organ: str) -> int:
+    """The seed of one organ's draws from the space: `search.seed` and the organ's name.
+
+    With one seed for every organ, every organ tried the same configurations in the same
+    order (and, with ASHA favouring the trial that reaches each rung first, often chose
+    the same one); each organ now explores its own. Stable across processes and runs,
+    unlike hash()."""
+    digest = hashlib.sha256(f"{seed}:{organ}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def pbt_mutations(space: dict[str, Dimension]) -> dict[str, Any]:
