@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from organtrain.plots import _message_png, _png, display_name
 # Why a trial ended: it ran every epoch; its own patience stopped it; the scheduler (ASHA,
 # PBT) stopped it for trailing the others; or it failed more often than max_failures.
 STOP_REASONS = ("completed", "patience", "scheduler", "error")
+PANELS_PER_ROW = 4  # of the sweep plot
 
 TRIAL_FIELDS = [
     pa.field("run_id", pa.string()),
@@ -197,11 +199,16 @@ def sweep_png(
     scored = [r for r in rows if math.isfinite(r["best_value"])]
     if not scored:
         return _message_png("no trial reported a validation metric", title=title)
-    searched = [k for k, kind in space_kinds.items() if kind != "fixed"][:5]
+    # Every searched field gets its panel (the demo searches seven), four panels a row.
+    searched = [k for k, kind in space_kinds.items() if kind != "fixed"]
     winner = next((r for r in scored if chosen is not None and r["trial_id"] == chosen), None)
-    # Enough height for the chosen trial's settings, wrapped under the title.
-    fig = Figure(figsize=(4.0 * (1 + len(searched)), 3.8), layout="constrained")
-    axes = fig.subplots(1, 1 + len(searched), squeeze=False)[0]
+    columns = min(PANELS_PER_ROW, 1 + len(searched))
+    rows_of_panels = math.ceil((1 + len(searched)) / columns)
+    fig = Figure(figsize=(4.0 * columns, 3.2 * rows_of_panels + 0.6), layout="constrained")
+    grid = fig.subplots(rows_of_panels, columns, squeeze=False).ravel()
+    for unused in grid[1 + len(searched) :]:
+        unused.set_visible(False)
+    axes = grid[: 1 + len(searched)]
     markers = {"completed": "o", "patience": "s", "scheduler": "v", "error": "x"}
     ax = axes[0]
     for reason, marker in markers.items():
@@ -234,7 +241,10 @@ def sweep_png(
         if winner is not None:
             _ring(ax, position, winner["best_value"])
         ax.set_xlabel(key)
-    fig.suptitle(title if winner is None else f"{title}\n{chosen_settings(winner, searched)}")
+    if winner is not None:
+        width = 45 * columns  # characters that fit across the figure at the title's size
+        title = "\n".join([title, *textwrap.wrap(chosen_settings(winner, searched), width)])
+    fig.suptitle(title)
     return _png(fig)
 
 
