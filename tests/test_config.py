@@ -188,3 +188,16 @@ def test_a_bad_set_value_is_blamed_on_the_set_not_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.epochs=0"])
     assert str(err.value).startswith(f"{path} with --set train.epochs=0: train.epochs must be")
+
+
+def test_model_settings_shown_are_the_ones_the_model_uses():
+    """A simple_cnn run showed weights=imagenet in the report, though it has no
+    pretrained weights; a pretrained base ignores the small CNN's fields."""
+    from dataclasses import asdict
+
+    from organtrain.config import ModelConfig, applied_model_settings
+
+    cnn = applied_model_settings(asdict(ModelConfig(name="simple_cnn")))
+    assert "weights" not in cnn and "fine_tune_layers" not in cnn and cnn["filters"]
+    base = applied_model_settings(asdict(ModelConfig(name="resnet50", weights=None)))
+    assert base["weights"] is None and "filters" not in base and "dropout" in base

@@ -219,6 +219,18 @@ PRETRAINED_MODEL_NAMES = (
     "convnext_tiny",
 )  # fmt: skip
 MODEL_NAMES = ("simple_cnn", *PRETRAINED_MODEL_NAMES)
+# ModelConfig fields that only one kind of model reads: the rest is ignored by the other.
+SIMPLE_CNN_FIELDS = ("filters", "pooling", "dense_units", "batch_norm")
+PRETRAINED_FIELDS = ("weights", "fine_tune_layers")
+
+
+def applied_model_settings(model: dict) -> dict:
+    """`model` settings (ModelConfig as a dict) without the fields its model ignores: a
+    simple_cnn has no pretrained weights, a pretrained base no `filters`."""
+    ignored = (
+        SIMPLE_CNN_FIELDS if model.get("name") in PRETRAINED_MODEL_NAMES else PRETRAINED_FIELDS
+    )
+    return {k: v for k, v in model.items() if k not in ignored}
 
 
 @dataclass(frozen=True)

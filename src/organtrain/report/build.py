@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from organtrain import evaluate, plots, stats
+from organtrain.config import applied_model_settings
 from organtrain.data.dataset import MANIFEST, REJECTED, DatasetIndex, dataset_prefix, load_dataset
 from organtrain.errors import OrgantrainError
 from organtrain.report import html as h
@@ -148,7 +149,8 @@ def _model_settings(organ: OrganRun) -> dict | None:
         config = json.loads(config)
     if config:
         return config
-    return ((organ.result or {}).get("settings") or {}).get("model")
+    model = ((organ.result or {}).get("settings") or {}).get("model")
+    return applied_model_settings(model) if model else None
 
 
 def _model_name(organ: OrganRun) -> str:
