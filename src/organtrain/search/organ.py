@@ -48,12 +48,12 @@ def tune_experiment(job: SweepJob, organ: str):
 class OrganSearch:
     """The Ray actor that drives one organ's search (`search_organ`).
 
-    An actor, not a task: Tune's trials hold placement groups, and Ray removes a
-    placement group when the actor that created it dies, but keeps one created by a task
-    until the whole job ends. A controller task killed mid-search (its node lost, an OOM
-    kill) left its trials' CPUs reserved and every other organ's trials pending forever
-    (9 organs, one controller SIGKILLed: 2 orphaned groups held both CPUs, 5 organs
-    waited with 0 trials running)."""
+    An actor, so that the driver sees a lost controller (its process or node gone) as
+    such, says so, and starts a new one that restores the organ's search. Known limit:
+    Ray keeps the placement groups of the lost controller's trials until the sweep's job
+    ends (a group's lifetime ends when both its creating actor and job are dead), so their
+    CPUs stay reserved; on a small cluster the other trials can wait behind them (seen
+    with 9 organs on 2 CPUs, one controller SIGKILLed)."""
 
     def search(self, job: SweepJob, organ: str) -> dict:
         return search_organ(job, organ)
@@ -87,10 +87,14 @@ def search_organ(job: SweepJob, organ: str) -> dict:
                 mode=search.mode,
                 num_samples=search.samples,
                 scheduler=_scheduler(job, space),
+                # The organ's share of the cluster is the generator's max_concurrent:
+                # Tune ignores TuneConfig.max_concurrent_trials when search_alg is a
+                # SearchGenerator ("will be ignored" in the controller's log), and every
+                # organ then queued all its trials at once.
                 search_alg=tune.search.BasicVariantGenerator(
-                    random_state=sampling_seed(search.seed, organ)
+                    random_state=sampling_seed(search.seed, organ),
+                    max_concurrent=search.max_concurrent_trials or 0,
                 ),
-                max_concurrent_trials=search.max_concurrent_trials or None,
                 # A trial's worker process starts Python, Ray and TensorFlow (seconds on a
                 # small machine); the organ's next trial reuses it (bench/RESULTS.md).
                 reuse_actors=True,
