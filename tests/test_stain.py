@@ -168,11 +168,20 @@ def test_turning_the_jitter_on_keeps_the_other_layers_draws():
     images = stained(16, size=16, seed=6)
     jittered = run_dataset(images, AugmentConfig(hed_jitter=0.2), 2)
     plain = run_dataset(images, AugmentConfig(), 2)
+    amounts = stain.rgb_to_hed(plain).numpy()[..., :2].reshape(16, -1, 2)  # H and E
     with np.errstate(invalid="ignore", divide="ignore"):  # white pixels: no stain at all
-        ratio = stain.rgb_to_hed(jittered).numpy() / stain.rgb_to_hed(plain).numpy()
-    ratio = ratio[..., :2].reshape(16, -1, 2)  # H and E
+        ratio = stain.rgb_to_hed(jittered).numpy()[..., :2].reshape(16, -1, 2) / amounts
     per_image = np.nanmedian(ratio, axis=1)
-    assert np.isclose(ratio, per_image[:, None, :], rtol=1e-2).mean() > 0.95
+    # Only pixels where the ratio is a measurement: not clipped at 0 or 255 by the jitter
+    # (their amounts cannot follow the factor), and stained (both amounts above 0.01 OD
+    # units: near-white pixels divide rounding noise by ~0; in CI, 7 % of all pixels
+    # missed 1 %, here 2 %).
+    inside = lambda x: ((x > 0.5) & (x < 254.5)).all(axis=-1).reshape(16, -1)  # noqa: E731
+    measured = inside(np.asarray(jittered)) & inside(np.asarray(plain))
+    measured &= (amounts > 0.01).all(axis=-1)
+    assert measured.mean() > 0.5
+    close = np.isclose(ratio, per_image[:, None, :], rtol=1e-2).all(axis=-1)
+    assert close[measured].mean() > 0.95
     assert np.abs(per_image - 1).max() > 0.05  # and the jitter did scale them
 
 
