@@ -290,7 +290,8 @@ def test_sweep_and_nightly_select_on_balanced_accuracy(lab):
         "balanced", "none"]  # fmt: skip
     assert all(t["metric"] == "val_balanced_accuracy" and 0 <= t["best_value"] <= 1 for t in trials)
     result = json.loads(out.get_bytes("result.json"))
-    best = max(trials, key=lambda t: t["best_value"])
+    best = next(t for t in trials if t["trial_id"] == result["search"]["trial_id"])
+    assert result["search"]["value"] == pytest.approx(max(t["best_value"] for t in trials))
     assert result["search"]["value"] == pytest.approx(best["best_value"])
     chosen = json.loads(best["config"])["train.class_weight"]
     assert (result["class_weights"] is None) == (chosen == "none")

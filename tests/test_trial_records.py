@@ -15,7 +15,7 @@ import ray
 from ray import tune
 
 from organtrain.search import results
-from organtrain.search.organ import WaitForPreviousTrial, trial_identities
+from organtrain.search.organ import WaitForPreviousTrial, choose_trial, trial_identities
 
 pytestmark = pytest.mark.slow  # a local Ray and two Tune experiments: ~40 s
 
@@ -130,3 +130,24 @@ def test_a_trial_that_cannot_get_its_worker_keeps_its_own_id_and_config(local_ra
         if row["status"] != "error":
             (config,) = {json.dumps(e["config"], sort_keys=True) for e in reports[row["trial_id"]]}
             assert row["config"] == config
+
+
+def test_equal_best_values_go_to_the_trial_created_first():
+    """Balanced accuracy on a small validation split ties often: the choice is the first
+    trial's, whichever order Tune's results come back in; an errored trial never wins."""
+    import pandas as pd
+
+    class Result:
+        def __init__(self, name, values, error=None):
+            self.path = f"/exp/organ/{name}"
+            self.metrics_dataframe = pd.DataFrame({"val_acc": values})
+            self.error = error
+
+    first = Result("run_trial_a1b2c_00000_0_x=1", [0.5, 0.75])
+    second = Result("run_trial_a1b2c_00001_1_x=2", [0.75, 0.5])
+    failed = Result("run_trial_a1b2c_00002_2_x=3", [0.9], error=RuntimeError("lost"))
+    for grid in ([first, second, failed], [failed, second, first]):
+        assert choose_trial(grid, "val_acc", "max") is first
+    worse = Result("run_trial_a1b2c_00003_3_x=4", [0.25])
+    assert choose_trial([second, worse], "val_acc", "min") is worse
+    assert choose_trial([failed], "val_acc", "max") is None

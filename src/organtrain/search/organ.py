@@ -260,11 +260,16 @@ def choose_trial(grid, metric: str, mode: str):
 
     A trial that errored (an exception, a killed or lost worker) is never chosen, however
     good its last reported epoch: it stopped half-trained, and its checkpoint may be one
-    the failure interrupted."""
+    the failure interrupted.
+
+    Equal values (common for accuracy-like metrics on small validation sets) go to the
+    trial created first, by its folder name, so the choice never depends on which trial
+    happened to finish first."""
     finished = [r for r in grid if r.error is None and math.isfinite(_best_value(r, metric, mode))]
     if not finished:
         return None
     pick = min if mode == "min" else max
+    finished.sort(key=lambda r: Path(r.path).name)
     return pick(finished, key=lambda r: _best_value(r, metric, mode))
 
 
