@@ -7,6 +7,8 @@
 #
 # Settings that matter for the tests:
 #   AuthInfo=cred_expire=10  a requeued job may start again after ~10 s (default ~140 s)
+#   SchedulerParameters      a pending job is looked at every 2 s, not every 30-60 s: a
+#                            requeued job restarts as soon as its begin time passes
 #   ReturnToService=2        a node that went down comes back by itself when slurmd returns
 #   SlurmUser=root           jobs run as the caller (root in CI)
 #   127.0.0.1 addresses      no dependence on how (or whether) the host name resolves
@@ -75,6 +77,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
 MpiDefault=none
 JobCompType=jobcomp/none
