@@ -19,7 +19,7 @@ from PIL import Image
 from tinyrun import RUN_ID, make_tiny_run
 
 from organtrain.data.dataset import DatasetIndex, OrganIndex, load_dataset
-from organtrain.data.manifest import parquet_bytes
+from organtrain.data.manifest import parquet_bytes, read_parquet
 from organtrain.report import REPORT, RunNotFoundError, build_report
 from organtrain.storage import LocalStorage
 
@@ -51,7 +51,10 @@ def _sweep_from(storage: LocalStorage) -> None:
     """The layout `organtrain sweep` writes, around the real lung results."""
     shutil.copytree(storage.path(f"runs/{RUN_ID}/lung"), storage.path("runs/sweep/lung"))
     result = json.loads(storage.get_bytes("runs/sweep/lung/result.json"))
-    config = {"model": "simple_cnn", "learning_rate": 0.001, "dense_units": 16}
+    # As a search samples it: a learning rate with all its digits, and a model.weights
+    # that a simple_cnn does not read (the search space also held a pretrained base).
+    config = {"model.name": "simple_cnn", "model.weights": "imagenet",
+              "train.learning_rate": 0.0012345678901234567, "model.dense_units": 16}  # fmt: skip
     result["search"] = {
         "trial_id": "t0002",
         "trial_config": config,
@@ -159,7 +162,9 @@ def _sweep_from(storage: LocalStorage) -> None:
             "started": 1.0,
             "ended": 2.0,
             "error": None,
-            "config": json.dumps({"train.learning_rate": 10.0 ** -(i + 2)}),
+            "config": json.dumps(
+                {"train.learning_rate": 10.0 ** -(i + 2) * 1.23456789, "model.weights": "imagenet"}
+            ),
         }
         for i, (reason, epochs, value) in enumerate(
             [("completed", 3, 0.5), ("scheduler", 1, 0.4), ("completed", 3, 0.75)]
@@ -180,10 +185,15 @@ def _chromium() -> str:
     return found
 
 
-def _browser_check(chromium: str, report: Path, tmp_path: Path) -> dict:
-    """Load a copy of the report plus a test-only script that reports, into the DOM, every
-    image that failed to decode; the shipped report itself has no scripts (and its CSP
-    forbids them, hence removed from the copy)."""
+NARROW, WIDE = 480, 1600  # a phone held upright, a large monitor (window widths, px)
+
+
+def _browser_check(chromium: str, report: Path, tmp_path: Path, width: int = 1280) -> dict:
+    """Load a copy of the report in a window `width` px wide, plus a test-only script that
+    reports, into the DOM, every image that failed to decode, whether the page is wider
+    than the window (it must never scroll sideways: wide tables scroll in their own box),
+    and how large each confusion matrix is shown; the shipped report itself has no
+    scripts (and its CSP forbids them, hence removed from the copy)."""
     page = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", report.read_text())
     script = """<script>
 window.addEventListener("load", () => {
@@ -194,6 +204,10 @@ window.addEventListener("load", () => {
     images: images.length,
     broken: images.filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.alt),
     sections: Array.from(document.querySelectorAll("section.organ")).map((s) => s.id),
+    window: window.innerWidth,
+    page: document.documentElement.scrollWidth,
+    matrices: Array.from(document.querySelectorAll("figure.matrix img")).map(
+      (i) => [i.width, i.naturalWidth]),
   });
   document.body.appendChild(out);
 });
@@ -201,7 +215,14 @@ window.addEventListener("load", () => {
     checked = tmp_path / "checked.html"
     checked.write_text(page.replace("</body>", script + "</body>"))
     done = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--window-size={width},2000",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            checked.as_uri(),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -211,7 +232,22 @@ window.addEventListener("load", () => {
     return json.loads(html.unescape(found.group(1)))
 
 
-def _screenshot(chromium: str, report: Path, name: str) -> Path:
+def _fits_the_window(chromium: str, report: Path, tmp_path: Path) -> dict:
+    """The report at a narrow and a wide window: no broken image, no sideways scrolling,
+    confusion matrices at their natural size where the window has room. Returns the
+    wide window's check."""
+    checks = {width: _browser_check(chromium, report, tmp_path, width) for width in (NARROW, WIDE)}
+    for width, check in checks.items():
+        assert check["broken"] == [], width
+        # Chromium's smallest window is 500 px wide: narrower asks get that.
+        assert check["window"] <= max(width, 500) and check["page"] <= check["window"], check
+    assert checks[WIDE]["matrices"] and all(
+        shown == natural for shown, natural in checks[WIDE]["matrices"]
+    ), checks[WIDE]["matrices"]
+    return checks[WIDE]
+
+
+def _screenshot(chromium: str, report: Path, name: str, width: int = 1280) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / name
     subprocess.run(
@@ -219,7 +255,7 @@ def _screenshot(chromium: str, report: Path, name: str) -> Path:
             chromium,
             *CHROMIUM_FLAGS,
             f"--screenshot={shot}",
-            "--window-size=1280,4000",
+            f"--window-size={width},4000",
             report.as_uri(),
         ],
         capture_output=True,
@@ -237,6 +273,7 @@ def _assert_self_contained(page: str) -> None:
     assert "<link" not in page
 
 
+@pytest.mark.slow  # Chromium at two widths, twice: about 15 s
 def test_train_run_report_opens_in_a_browser(store, tmp_path):
     key = build_report(store, RUN_ID, resamples=200)
     assert key == f"runs/{RUN_ID}/{REPORT}"
@@ -249,17 +286,49 @@ def test_train_run_report_opens_in_a_browser(store, tmp_path):
     assert "not_an_image" in page and "broken.png" in page  # lung's rejected file
     assert "bad_layout" in page and "lung/notes.txt" in page  # outside any diagnosis
     # Each organ: its stored plots + the reliability diagram; thumbnails for its mistakes.
+    # (the confusion matrix redrawn from confusion.parquet, in place of the stored one).
     stored = sum(1 for organ in ORGANS for _ in store.list(f"runs/{RUN_ID}/{organ}/plots"))
-    assert stored >= 2 * 3 and page.count('<figure class="plot">') == stored + 2
+    assert stored >= 2 * 3 and page.count('<figure class="plot') == stored + 2
+    assert page.count('<figure class="plot matrix">') == 2
     pair_images = _assert_leakage_parts(store, page)
     assert page.count('<figure class="thumb">') == page.count("data:image/jpeg") - pair_images > 0
+    _assert_confusion_counts(store, page)
+    _assert_configuration_as_applied(page)
 
     chromium = _chromium()
-    check = _browser_check(chromium, report, tmp_path)
-    assert check["broken"] == [] and check["images"] >= 8
+    check = _fits_the_window(chromium, report, tmp_path)
+    assert check["images"] >= 8
     assert sorted(check["sections"]) == ["organ-colon", "organ-lung"]
-    shot = _screenshot(chromium, report, "report-train.png")
-    assert shot.stat().st_size > 10_000
+    for width in (NARROW, WIDE):
+        shot = _screenshot(chromium, report, f"report-train-{width}.png", width)
+        assert shot.stat().st_size > 10_000
+
+
+def _assert_confusion_counts(store, page: str) -> None:
+    """Each organ's count table holds every cell of its stored confusion.parquet, with a
+    hover title saying what the cell counts."""
+    for organ in ORGANS:
+        section = page[page.index(f'id="organ-{organ}"') :]
+        table = section[section.index('<table class="counts">') :]
+        table = table[: table.index("</table>")]
+        key = f"runs/{RUN_ID}/{organ}/metrics/confusion.parquet"
+        rows = read_parquet(store.get_bytes(key)).to_pylist()
+        assert len(rows) == len(ORGANS[organ]) ** 2
+        cells = re.findall(r'<td class="num[^"]*" title="([^"]*)"[^>]*>([0-9,]+)</td>', table)
+        assert len(cells) == len(rows)
+        for row, (title, count) in zip(rows, cells, strict=True):
+            assert int(count) == row["count"]
+            assert html.unescape(title).startswith(
+                f"true: {row['true_class']} · predicted: {row['predicted_class']} · "
+                f"{row['count']} of "
+            )
+
+
+def _assert_configuration_as_applied(page: str) -> None:
+    """A simple_cnn has no pretrained weights: the page never says it had (issue 17)."""
+    assert "weights=" not in page and "fine_tune_layers=" not in page
+    assert page.count("<summary>Configuration that trained this model</summary>") == 2
+    assert "filters=[8, 16]" in page and "learning_rate=0.001<" in page
 
 
 def _assert_leakage_parts(store, page: str) -> int:
@@ -292,6 +361,7 @@ def _assert_leakage_parts(store, page: str) -> int:
     return images
 
 
+@pytest.mark.slow  # Chromium at two widths, twice: about 15 s
 def test_sweep_report_shows_trials_failures_and_history(store, tmp_path):
     history = pa.Table.from_pylist(
         [
@@ -309,7 +379,11 @@ def test_sweep_report_shows_trials_failures_and_history(store, tmp_path):
     page = store.path(build_report(store, "sweep", history=history, resamples=200)).read_text()
     _assert_self_contained(page)
     assert "search metric: val_accuracy (max)" in page
-    assert "learning_rate=0.001" in page and "3 (1)" in page  # trial config, trials (early)
+    assert "3 (1)" in page  # trials (stopped early)
+    # Settings rounded to 4 significant digits (the stored tables keep them all), and
+    # only those the chosen model reads: no model.weights for a simple_cnn.
+    assert "train.learning_rate=0.001235<" in page and "0.0012345" not in page
+    assert "train.learning_rate=0.0001235<" in page and "model.weights" not in page
     assert "<h3>Trials (3)</h3>" in page
     assert page.index("t0002") < page.index("t0000") < page.index("t0001")  # best first
     colon = page[page.index('id="organ-colon"') :]
@@ -319,8 +393,8 @@ def test_sweep_report_shows_trials_failures_and_history(store, tmp_path):
     assert '<section id="history">' in page and "promoted" in page
 
     chromium = _chromium()
-    check = _browser_check(chromium, store.path("runs/sweep/report.html"), tmp_path)
-    assert check["broken"] == [] and check["sections"] == ["organ-lung", "organ-colon"]
+    check = _fits_the_window(chromium, store.path("runs/sweep/report.html"), tmp_path)
+    assert check["sections"] == ["organ-lung", "organ-colon"]
     _screenshot(chromium, store.path("runs/sweep/report.html"), "report-sweep.png")
 
 
@@ -472,3 +546,59 @@ def test_leakage_part_of_a_version_prepared_before_the_check():
     assert note.startswith('<p class="warning">12 of the 200 images of dataset version ')
     assert "<code>v1</code> changed split in this version (groups changed)" in note
     assert _split_changes(_view(None, {"benign": 6})) == ""
+
+
+# --- Confusion counts and rounded settings, from hand-made inputs --------------------------
+
+
+@pytest.mark.parametrize("k", [2, 10, 25])
+def test_confusion_count_table_holds_every_count(k):
+    """Below the figure, every cell's count with a hover title; folded while the figure
+    writes the counts in its cells, open once it has too many classes to."""
+    from organtrain import plots
+    from organtrain.report.build import _confusion_counts
+
+    classes = [f"diagnosis_{i}" for i in range(k)]
+    matrix = np.arange(k * k, dtype=np.int64).reshape(k, k) * 37  # every count distinct
+    part = _confusion_counts(matrix, classes)
+    assert part.startswith("<details open>" if k > plots.CELL_NUMBERS_MAX_CLASSES else "<details>")
+    assert '<div class="scroll"><table class="counts">' in part  # scrolls, never the page
+    cells = re.findall(r'<td class="num[^"]*" title="([^"]*)"[^>]*>([0-9,]+)</td>', part)
+    assert [int(count.replace(",", "")) for _, count in cells] == list(matrix.ravel())
+    row = k - 1
+    total = int(matrix[row].sum())
+    assert cells[row * k + 1][0] == html.escape(
+        f"true: diagnosis_{row} · predicted: diagnosis_1 · {matrix[row, 1]:,} of {total:,} "
+        f"test images ({matrix[row, 1] / total:.0%})"
+    )
+    assert part.count('class="num diagonal"') == k
+    assert re.findall(r'<td class="num">([0-9,]+)</td>', part) == [
+        f"{t:,}" for t in matrix.sum(axis=1)
+    ]  # row totals
+
+
+def test_settings_are_rounded_for_display_only():
+    from organtrain.report import html as h
+
+    assert h.rounded(0.0012345678901234567) == 0.001235
+    assert h.rounded([0.1 + 0.2, 64, "imagenet", None]) == [0.3, 64, "imagenet", None]
+    assert h.rounded(float("nan")) != h.rounded(float("nan"))  # NaN stays NaN
+    assert h.rounded(True) is True
+    shown = h.settings_text({"train.learning_rate": 3.0000000000000004e-05, "dropout": 0.3})
+    assert "train.learning_rate=3e-05<" in shown and "dropout=0.3<" in shown
+
+
+def test_trial_settings_show_only_what_the_trials_model_reads():
+    from organtrain.report.build import _applied_trial_config
+
+    sampled = {"model.weights": "imagenet", "model.filters": [8, 16], "train.learning_rate": 0.1}
+    assert _applied_trial_config(sampled, "simple_cnn") == {
+        "model.filters": [8, 16],
+        "train.learning_rate": 0.1,
+    }
+    assert _applied_trial_config({**sampled, "model.name": "vgg16"}, "simple_cnn") == {
+        "model.weights": "imagenet",
+        "train.learning_rate": 0.1,
+        "model.name": "vgg16",
+    }
+    assert _applied_trial_config(sampled, "—") == sampled  # model unknown: all shown

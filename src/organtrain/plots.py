@@ -95,6 +95,9 @@ def learning_curves_png(
         ax.set_xlabel("epoch")
         ax.set_ylabel(display_name(base, width=30))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(_series(history, base)) <= 1 and len(_series(history, val)) <= 1:
+            # One epoch: without limits the axis spans ±5 % of it, ticked 0.945 ... 1.05.
+            ax.set_xlim(first_epoch - 0.5, first_epoch + 0.5)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -102,8 +105,28 @@ def learning_curves_png(
 
 
 def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], *, title: str) -> bytes:
-    """Counts written in the cells; colour is the row-normalised fraction (recall per true
-    class), so a rare diagnosis that is mostly missed stands out as much as a common one."""
+    """confusion_matrix_figure as PNG bytes."""
+    return _png(confusion_matrix_figure(matrix, class_names, title=title))
+
+
+# Above this many classes the cells are too small for their counts: the colour carries the
+# fraction and the report lists the counts in a table below the figure.
+CELL_NUMBERS_MAX_CLASSES = 12
+# The report shows a confusion matrix at its natural size up to its content width (a
+# 1280 px window less the page margins); figures are sized so their text stays legible there.
+REPORT_WIDTH_PX = 1232
+
+
+def confusion_matrix_figure(
+    matrix: np.ndarray, class_names: Sequence[str], *, title: str
+) -> Figure:
+    """Colour is the row-normalised fraction (recall per true class), so a rare diagnosis
+    that is mostly missed stands out as much as a common one; counts and fractions are
+    written in the cells up to CELL_NUMBERS_MAX_CLASSES classes.
+
+    Cells shrink as classes are added, but never below a size whose labels stay legible
+    at the report's width, where a fixed cell size made a 10-class figure so large that
+    the page scaled its text down to a few pixels."""
     counts = np.asarray(matrix, dtype=np.int64)
     k = len(class_names)
     if counts.shape != (k, k):
@@ -111,25 +134,38 @@ def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], *, titl
     totals = counts.sum(axis=1, keepdims=True)
     # A class absent from the split has an all-zero row: colour it 0, not 0/0.
     fractions = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-
-    side = 2.2 + 1.1 * k
-    fig = Figure(figsize=(side + 1.2, side), layout="tight")
+    numbers = k <= CELL_NUMBERS_MAX_CLASSES
+    # Inches per class: large cells for a few classes, smaller ones for many.
+    cell = max(0.52, min(1.1, 6.2 / k)) if numbers else max(0.3, min(0.5, 8.0 / k))
+    label_pt = 9 if numbers else 8
+    side = cell * k
+    fig = Figure(figsize=(side + 3.0, side + 2.4), layout="tight")
     ax = fig.add_subplot()
     image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    colorbar.set_label("fraction of the true diagnosis")
-    for i in range(k):
-        for j in range(k):
-            text = f"{counts[i, j]}\n{fractions[i, j]:.0%}" if totals[i, 0] else "0"
-            colour = "white" if fractions[i, j] > 0.5 else "black"  # readable on dark cells
-            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=10)
-    names = [display_name(n) for n in class_names]
-    ax.set_xticks(range(k), names, rotation=30 if k > 2 else 0, ha="right" if k > 2 else "center")
-    ax.set_yticks(range(k), names)
+    colorbar.set_label("fraction of the true diagnosis (row)", fontsize=label_pt)
+    colorbar.ax.tick_params(labelsize=label_pt)
+    if numbers:
+        _write_cells(ax, counts, fractions, totals[:, 0])
+    wrap = 14 if numbers else 26  # one line per name where rows are narrow
+    names = [display_name(n, width=wrap) for n in class_names]
+    rotation, align = (0, "center") if k <= 2 else (30, "right") if numbers else (90, "center")
+    ax.set_xticks(range(k), names, rotation=rotation, ha=align, fontsize=label_pt)
+    ax.set_yticks(range(k), names, fontsize=label_pt)
     ax.set_xlabel("predicted diagnosis")
     ax.set_ylabel("true diagnosis")
     ax.set_title(title)
-    return _png(fig)
+    return fig
+
+
+def _write_cells(ax, counts: np.ndarray, fractions: np.ndarray, totals: np.ndarray) -> None:
+    """Each cell's count and its share of the true diagnosis."""
+    k = len(counts)
+    for i in range(k):
+        for j in range(k):
+            text = f"{counts[i, j]}\n{fractions[i, j]:.0%}" if totals[i] else "0"
+            colour = "white" if fractions[i, j] > 0.5 else "black"  # readable on dark cells
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
 
 
 def roc_curves_png(
@@ -157,36 +193,84 @@ def roc_curves_png(
     return _png(fig)
 
 
+# Reliability diagram: labels (the tests find the drawn bars by them) and colours. Under-
+# and over-confidence get colours a colour-blind reader also tells apart (Okabe-Ito) and
+# opposite hatches.
+ACCURACY_LABEL = "fraction correct (value above the bar)"
+CONFIDENCE_LABEL = "mean confidence in the bin"
+UNDER_LABEL = "under-confident: right more often than it claims"
+OVER_LABEL = "over-confident: claims more than it gets right"
+COUNT_LABEL = "images in the bin"
+_ACCURACY_COLOUR, _UNDER_COLOUR, _OVER_COLOUR = "#7fa7d1", "#009e73", "#d55e00"
+
+
 def reliability_diagram_png(reliability, *, title: str) -> bytes:
-    """Calibration at a glance (takes evaluate.reliability output): per confidence bin,
-    the fraction actually right against the diagonal a calibrated model follows; the gap
-    to the diagonal is shaded, and the lower panel shows how many images each bin holds
-    (a large gap in a nearly empty bin matters little)."""
-    edges, count = reliability.edges, reliability.count
-    if count.sum() == 0:
+    """reliability_figure as PNG bytes (a figure saying so when there are no predictions)."""
+    if reliability.count.sum() == 0:
         return _message_png("No predictions to calibrate.", title=title)
-    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    return _png(reliability_figure(reliability, title=title))
+
+
+def reliability_figure(reliability, *, title: str) -> Figure:
+    """Calibration at a glance (takes evaluate.reliability output): per confidence bin, a
+    bar as high as the fraction of its images classified correctly, its value written just
+    above it, the bin's mean confidence as a black diamond, and the gap between the
+    two hatched green where the model is under-confident (bar above the diamond) and
+    orange where it is over-confident (bar below). The lower panel counts the images in
+    each bin: a large gap in a nearly empty bin matters little.
+
+    The gap is drawn as an open hatch over the bar, never as a fill: a filled gap over an
+    under-confident bar hid the bar's top, and the bar read as the confidence (0.5-0.7)
+    where every prediction was right."""
+    edges, count = reliability.edges, reliability.count
     filled = count > 0
-    fig = Figure(figsize=(5.2, 6.0), layout="tight")
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(centres[filled], reliability.accuracy[filled], width=width[filled] * 0.95,
-            color="tab:blue", alpha=0.8, label="fraction correct")  # fmt: skip
-    gap_low = np.minimum(reliability.accuracy, reliability.confidence)[filled]
-    gap = np.abs(reliability.accuracy - reliability.confidence)[filled]
-    top.bar(centres[filled], gap, bottom=gap_low, width=width[filled] * 0.95, color="tab:red",
-            alpha=0.3, hatch="//", label="gap to the mean confidence")  # fmt: skip
+    x, width = ((edges[:-1] + edges[1:]) / 2)[filled], 0.9 * np.diff(edges)[filled]
+    accuracy, confidence = reliability.accuracy[filled], reliability.confidence[filled]
+    fig = Figure(figsize=(5.6, 6.4), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    _calibration_zones(top)
     top.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    top.bar(x, accuracy, width=width, color=_ACCURACY_COLOUR, edgecolor="#1f4e79",
+            linewidth=1.0, label=ACCURACY_LABEL)  # fmt: skip
+    for label, colour, hatch, where in (
+        (UNDER_LABEL, _UNDER_COLOUR, "\\\\", accuracy > confidence),
+        (OVER_LABEL, _OVER_COLOUR, "//", accuracy < confidence),
+    ):
+        if where.any():
+            top.bar(x[where], np.abs(accuracy - confidence)[where],
+                    bottom=np.minimum(accuracy, confidence)[where], width=width[where],
+                    facecolor="none", edgecolor=colour, hatch=hatch, linewidth=1.5,
+                    label=label)  # fmt: skip
+    top.scatter(x, confidence, marker="D", s=22, color="black", zorder=4, label=CONFIDENCE_LABEL)
+    for xi, value in zip(x, accuracy, strict=True):  # each bar's value just above its top
+        top.annotate(f"{value:.2f}", (xi, value), xytext=(0, 2), textcoords="offset points",
+                     ha="center", va="bottom", fontsize=8, zorder=5,
+                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
+                           "edgecolor": "#1f4e79", "linewidth": 0.6})  # fmt: skip
     top.set_xlim(0, 1)
-    top.set_ylim(0, 1.01)
+    top.set_ylim(0, 1.1)
     top.set_ylabel("fraction correct")
     top.set_title(f"{title}\nexpected calibration error {reliability.ece:.3f}")
     top.grid(alpha=0.3)
-    top.legend(loc="upper left", fontsize=9)
-    bottom.bar(centres, count, width=width * 0.95, color="grey")
+    bars = bottom.bar(x, count[filled], width=width, color="grey", label=COUNT_LABEL)
+    bottom.bar_label(bars, fontsize=8, padding=1)
+    bottom.set_ylim(0, count.max() * 1.3)  # room for the labels
     bottom.set_xlabel("confidence (probability of the predicted diagnosis)")
     bottom.set_ylabel("images")
-    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
-    return _png(fig)
+    bottom.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    fig.legend(loc="outside lower center", ncols=1, fontsize=8, frameon=False,
+               handles=top.get_legend_handles_labels()[0])  # fmt: skip
+    return fig
+
+
+def _calibration_zones(ax) -> None:
+    """Name the two sides of the diagonal along it, so a reader need not recall which is
+    which. Low on the diagonal, where bins are rarely filled (a confidence is at least
+    1/classes), and under the bars (zorder) should one be there."""
+    for side, offset, colour in (("under", 0.035, _UNDER_COLOUR), ("over", -0.035, _OVER_COLOUR)):
+        ax.text(0.2 - offset, 0.2 + offset, f"{side}-confident", rotation=45,
+                rotation_mode="anchor", ha="center", va="center", fontsize=8, color=colour,
+                zorder=0.5, transform_rotates_text=True)  # fmt: skip
 
 
 def metric_trend_png(

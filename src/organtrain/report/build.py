@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from organtrain import evaluate, plots, stats
-from organtrain.config import applied_model_settings
+from organtrain.config import MODEL_NAMES, applied_model_settings
 from organtrain.data.dataset import MANIFEST, REJECTED, DatasetIndex, dataset_prefix, load_dataset
 from organtrain.errors import OrgantrainError
 from organtrain.report import html as h
@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 
 REPORT = "report.html"
 SPLITS = ("train", "val", "test")
+CONFUSION_PNG = "confusion_matrix.png"
 FIGURES = (  # file under <organ>/plots/, caption
     ("learning_curves.png", "Learning curves (training and validation, per epoch)"),
-    ("confusion_matrix.png", "Confusion matrix on the test split"),
+    (CONFUSION_PNG, "Confusion matrix on the test split (colour: share of the true diagnosis)"),
     ("roc.png", "One-vs-rest ROC curves on the test split"),
     ("sweep.png", "The search: every trial's validation metric"),
 )
@@ -142,15 +143,32 @@ def _organ_facts(run: Run, organ: OrganRun, resamples: int) -> OrganFacts:
 
 
 def _model_settings(organ: OrganRun) -> dict | None:
-    """The winning trial's configuration (sweeps), else the trained model's settings."""
+    """The winning trial's sampled configuration (sweeps), else the trained model's
+    settings; either way only what the model used reads (no `weights` for a simple_cnn)."""
     search = (organ.result or {}).get("search") or {}
     config = search.get("trial_config") or (organ.summary or {}).get("trial_config")
     if isinstance(config, str):
         config = json.loads(config)
     if config:
-        return config
-    model = ((organ.result or {}).get("settings") or {}).get("model")
+        return _applied_trial_config(config, _model_name(organ))
+    model = _trained_settings(organ).get("model")
     return applied_model_settings(model) if model else None
+
+
+def _trained_settings(organ: OrganRun) -> dict:
+    """The configuration that trained the organ's model (result.json `settings`), by section."""
+    return (organ.result or {}).get("settings") or {}
+
+
+def _applied_trial_config(config: dict, default_model: str | None) -> dict:
+    """A trial's sampled `section.field` values without the `model.*` fields its model
+    ignores (a search over simple_cnn and vgg16 samples `model.weights` for both)."""
+    name = config.get("model.name", default_model)
+    if name not in MODEL_NAMES:
+        return config  # a model this organtrain does not know: nothing to judge by
+    fields = {k.removeprefix("model."): v for k, v in config.items() if k.startswith("model.")}
+    kept = applied_model_settings({**fields, "name": name})
+    return {k: v for k, v in config.items() if not k.startswith("model.") or k[6:] in kept}
 
 
 def _model_name(organ: OrganRun) -> str:
@@ -282,6 +300,7 @@ def _organ_section(
         parts.append(f'<pre class="error">{h.text(organ.error)}</pre>')
     if organ.result:
         parts.append(_result_facts(organ))
+        parts.append(_configuration(organ))
         parts.append(_per_diagnosis(organ, facts))
         parts.append(_figures(run, organ, facts))
     if facts.problem:
@@ -325,6 +344,25 @@ def _result_facts(organ: OrganRun) -> str:
     return "<p>" + "<br>".join(lines) + "</p>"
 
 
+def _configuration(organ: OrganRun) -> str:
+    """The settings that trained the model, one row per section, folded away (most
+    readers need only the summary's configuration column). The model section lists only
+    what the model reads: a simple_cnn shows no pretrained `weights`."""
+    settings = _trained_settings(organ)
+    if not settings:
+        return ""
+    rows = []
+    for section, values in settings.items():
+        if not isinstance(values, dict):
+            continue
+        shown = applied_model_settings(values) if section == "model" else values
+        rows.append([h.text(section), h.settings_text(shown)])
+    return (
+        "<details><summary>Configuration that trained this model</summary>"
+        f"{h.table(['section', 'settings'], rows)}</details>"
+    )
+
+
 def _per_diagnosis(organ: OrganRun, facts: OrganFacts) -> str:
     """Recall, precision, F1 and test images per diagnosis, and the loss weight each had
     in training (train.class_weight), from the same predictions as the summary."""
@@ -360,16 +398,74 @@ def _fmt(value) -> str:
 
 
 def _figures(run: Run, organ: OrganRun, facts: OrganFacts) -> str:
+    """The organ's stored plots, its confusion matrix redrawn from confusion.parquet (with
+    a table of its counts below the figures), and its reliability diagram."""
+    title = f"{organ.organ} — {_model_name(organ)}"
+    classes = (organ.result or {}).get("classes") or []
+    matrix = _confusion_matrix(run, organ.organ, classes)
     figures = []
     for file, caption in FIGURES:
+        css_class = "matrix" if file == CONFUSION_PNG else ""
+        if file == CONFUSION_PNG and matrix is not None:
+            png = plots.confusion_matrix_png(matrix, classes, title=title)
+            figures.append(h.figure(png, caption, css_class=css_class))
+            continue
         key = run.key(organ.organ, "plots", file)
         if run.storage.exists(key):
-            figures.append(h.figure(run.storage.get_bytes(key), caption))
+            figures.append(h.figure(run.storage.get_bytes(key), caption, css_class=css_class))
     if facts.reliability is not None:
-        title = f"{organ.organ} — {_model_name(organ)}"
         png = plots.reliability_diagram_png(facts.reliability, title=title)
         figures.append(h.figure(png, "Calibration on the test split (reliability diagram)"))
-    return f'<div class="figures">{"".join(figures)}</div>' if figures else ""
+    if not figures:
+        return ""
+    counts = _confusion_counts(matrix, classes) if matrix is not None else ""
+    return f'<div class="figures">{"".join(figures)}</div>{counts}'
+
+
+def _confusion_matrix(run: Run, organ: str, classes: list[str]) -> np.ndarray | None:
+    """The test split's confusion matrix from metrics/confusion.parquet, rows and columns
+    in the organ's class order; None when the table is missing or names other classes
+    (the stored figure is shown then)."""
+    rows = read_table(run.storage, run.key(organ, "metrics", "confusion.parquet")) or []
+    rows = [r for r in rows if r.get("split", "test") == "test"]
+    position = {name: i for i, name in enumerate(classes)}
+    if not rows or any(
+        r["true_class"] not in position or r["predicted_class"] not in position for r in rows
+    ):
+        return None
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for r in rows:
+        matrix[position[r["true_class"]], position[r["predicted_class"]]] += r["count"]
+    return matrix
+
+
+def _confusion_counts(matrix: np.ndarray, classes: list[str]) -> str:
+    """Every count of the confusion matrix as a table (hover a cell for what it counts),
+    folded away while the figure writes the counts in its cells, open once it cannot."""
+    totals = matrix.sum(axis=1)
+    rows = []
+    for i, true in enumerate(classes):
+        cells = [f"<i>{h.text(true)}</i>"]
+        for j, predicted in enumerate(classes):
+            share = matrix[i, j] / totals[i] if totals[i] else 0.0
+            hover = (
+                f"true: {true} · predicted: {predicted} · {matrix[i, j]:,} of {totals[i]:,} "
+                f"test images ({share:.0%})"
+            )
+            klass = "num diagonal" if i == j else "num"
+            tint = f"background: rgba(31, 119, 180, {0.55 * share:.2f})"  # as the figure's
+            cells.append(
+                f'<td class="{klass}" title="{h.text(hover)}" style="{tint}">{matrix[i, j]:,}</td>'
+            )
+        cells.append(h.number(int(totals[i])))
+        rows.append(cells)
+    headers = ["true ↓ predicted →", *classes, "total"]
+    state = " open" if len(classes) > plots.CELL_NUMBERS_MAX_CLASSES else ""
+    return (
+        f"<details{state}><summary>Confusion matrix counts on the test split (rows: true "
+        "diagnosis, columns: predicted)</summary>"
+        f"{h.table(headers, rows, css_class='counts')}</details>"
+    )
 
 
 def _class_balance(dataset: DatasetView, organ: str) -> str:
@@ -678,7 +774,8 @@ def _trials_table(run: Run, organ: OrganRun) -> str:
         descending = (run.sweep or {}).get("mode", "max") == "max"
         rows.sort(key=lambda r: _sort_value(r[value], descending))
     headers = [c for c in rows[0] if c not in _TRIAL_COLUMNS_HIDDEN]
-    cells = [[_trial_cell(c, r[c]) for c in headers] for r in rows[:MAX_ROWS]]
+    model = _model_name(organ)
+    cells = [[_trial_cell(c, r[c], model) for c in headers] for r in rows[:MAX_ROWS]]
     names = [c.removeprefix("config/") for c in headers]
     if value == "best_value" and metric:
         names[headers.index(value)] = f"best {metric}"
@@ -687,9 +784,10 @@ def _trials_table(run: Run, organ: OrganRun) -> str:
     return f"<h3>Trials ({len(rows)})</h3>{h.table(names, cells)}{note}"
 
 
-def _trial_cell(column: str, value) -> str:
+def _trial_cell(column: str, value, model: str) -> str:
     if column == "config" and isinstance(value, str) and value.startswith("{"):
-        return h.settings_text(json.loads(value))  # the trial's sampled hyperparameters
+        sampled = _applied_trial_config(json.loads(value), model)  # the trial's hyperparameters
+        return h.settings_text(sampled)
     if column == "seconds" and isinstance(value, float):
         return h.text(h.duration(value))
     return _value_cell(value)
@@ -702,8 +800,8 @@ def _sort_value(value, descending: bool) -> float:
 
 
 def _value_cell(value) -> str:
-    if isinstance(value, float) and not math.isnan(value) and 0 < abs(value) < 1e-3:
-        return f'<td class="num">{value:.3g}</td>'  # learning rates and the like
+    if isinstance(value, float) and math.isfinite(value):
+        return f'<td class="num">{h.rounded(value)}</td>'  # learning rates and the like
     if isinstance(value, float):
         return h.number(value, 4)
     if isinstance(value, int) and not isinstance(value, bool):

@@ -24,8 +24,13 @@ h1 { margin: 24px 0 4px; } h2 { margin-top: 40px; border-bottom: 2px solid #d8de
 h3 { margin: 24px 0 8px; }
 .meta, .note { color: #57606a; } .note { font-size: 13px; }
 nav a { margin-right: 14px; }
-table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
-th, td { border: 1px solid #d8dee4; padding: 4px 8px; text-align: left; vertical-align: top; }
+/* A table wider than the page scrolls inside its own box: the page itself never scrolls
+   sideways, whatever the window's width. */
+.scroll { overflow-x: auto; max-width: 100%; margin: 8px 0 16px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #d8dee4; padding: 4px 8px; text-align: left; vertical-align: top;
+         overflow-wrap: break-word; }
+.meta code, nav, p { overflow-wrap: anywhere; }
 th { background: #f3f5f7; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.failed td { background: #fff0f0; }
@@ -35,7 +40,13 @@ pre.error { background: #fff0f0; border: 1px solid #f0b4b4; padding: 10px;
             white-space: pre-wrap; overflow-wrap: anywhere; }
 .state { font-weight: 600; } .state-failed { color: #b42318; } .state-done { color: #1a7f37; }
 .figures { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
-figure { margin: 0; } figure.plot img { max-width: 100%; height: auto; max-height: 520px; }
+figure { margin: 0; } figure.plot { min-width: 0; max-width: 100%; }
+figure.plot img { max-width: 100%; height: auto; max-height: 720px; }
+/* A confusion matrix is drawn at the size its labels need (plots.confusion_matrix_figure);
+   only the page's width may scale it down. */
+figure.plot.matrix img { max-height: none; }
+table.counts td.diagonal { font-weight: 700; }
+details { margin: 4px 0 12px; } summary { cursor: pointer; color: #57606a; }
 .settings { display: inline-block; max-width: 320px; } code.kv { white-space: nowrap; }
 figcaption { font-size: 12px; color: #57606a; }
 .thumbs { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
@@ -78,9 +89,10 @@ def image(data: bytes, alt: str, *, mime: str = "image/png", css_class: str = ""
     return f'<img{klass} src="data:{mime};base64,{encoded}" alt="{escape(alt)}">'
 
 
-def figure(data: bytes, caption: str) -> str:
+def figure(data: bytes, caption: str, *, css_class: str = "") -> str:
     caption_html = f"<figcaption>{text(caption)}</figcaption>"
-    return f'<figure class="plot">{image(data, caption)}{caption_html}</figure>'
+    klass = f"plot {css_class}".strip()
+    return f'<figure class="{klass}">{image(data, caption)}{caption_html}</figure>'
 
 
 def table(
@@ -94,7 +106,8 @@ def table(
         body.append(f"<tr{klass}>" + "".join(_cell(c) for c in row) + "</tr>")
     attributes = f' class="{css_class}"' if css_class else ""
     return (
-        f"<table{attributes}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        f'<div class="scroll"><table{attributes}><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
     )
 
 
@@ -137,5 +150,21 @@ def settings_text(settings: dict | None) -> str:
     """A config dict as compact `key=value` items that wrap between items, not inside."""
     if not settings:
         return "—"
-    items = (f'<code class="kv">{text(k)}={text(v)}</code>' for k, v in settings.items())
+    items = (f'<code class="kv">{text(k)}={text(rounded(v))}</code>' for k, v in settings.items())
     return f'<span class="settings">{" ".join(items)}</span>'
+
+
+SIGNIFICANT_DIGITS = 4
+
+
+def rounded(value: object, digits: int = SIGNIFICANT_DIGITS) -> object:
+    """A setting as people read it: floats (also inside lists and dicts) to `digits`
+    significant digits, so a sampled learning rate shows as 0.001234, not with the 17
+    digits Python keeps. Only for display: the stored tables keep every digit."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list | tuple):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return value
