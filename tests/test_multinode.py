@@ -409,9 +409,10 @@ def swept(tmp_path_factory, s3_server, s3_vars, cluster) -> Swept:
 
 
 def cached_shards(cache: Path) -> set[str]:
-    """The shard keys (shards/<organ>/<split>-....tfrecord) a node's cache holds."""
+    """The shard keys (shards/<organ>/<split>-<sha256>.tfrecord, the dataset's pool) a
+    node's cache holds: it mirrors the dataset's folder, <cache>/<dataset>/<key>."""
     return {
-        "/".join(p.relative_to(cache).parts[2:]) for p in cache.rglob("*.tfrecord")
+        "/".join(p.relative_to(cache).parts[1:]) for p in cache.rglob("*.tfrecord")
     } if cache.exists() else set()  # fmt: skip
 
 
@@ -435,14 +436,14 @@ def test_each_shard_is_downloaded_once_per_node_into_its_own_cache(swept):
     assert not held["head"]  # no CPU: no trial ran there
     # (The driver's copies are the report's: thumbnails of training and test images.)
     # Once per node: the server served each shard exactly as often as there are copies.
-    version = f"{BUCKET}/{PREFIX}/datasets/{swept.index.dataset}/{swept.index.version}"
+    pool = f"{BUCKET}/{PREFIX}/datasets/{swept.index.dataset}"
     for key in everything:
         copies = sum(key in keys for keys in held.values())
-        assert swept.gets[f"{version}/{key}"] == copies, (key, copies, swept.gets)
+        assert swept.gets[f"{pool}/{key}"] == copies, (key, copies, swept.gets)
     # Each copy was verified once, on its node, and stamped there.
     for name, keys in held.items():
         for key in keys:
-            path = swept.caches[name] / swept.index.dataset / swept.index.version / key
+            path = swept.caches[name] / swept.index.dataset / key
             assert path.with_name(path.name + ".verified").exists(), path
 
 

@@ -125,3 +125,24 @@ def test_blank_images_match_each_other_and_bad_lengths_are_refused():
 
 def test_method_name_is_recorded():
     assert nd.SIGNATURE_METHOD == "polar-ring-v1+aligned-colour-v1"
+
+
+def test_leakage_check_with_the_guard_off_checks_groups_and_copies_only():
+    """prepare.near_duplicates: false gives rows without signatures: the check must still
+    catch a group or an identical file in two splits (it crashed decoding None)."""
+    from organtrain.data.leakage import check_leakage
+
+    def row(key, group, sha, split):
+        return {"organ": "lung", "key": key, "group": group, "sha256": sha, "split": split,
+                "signature": None, "neardup_cluster": None}  # fmt: skip
+
+    clean = check_leakage([row("a.png", "p1", "1" * 64, "train"),
+                           row("b.png", "p2", "2" * 64, "test")])  # fmt: skip
+    assert clean.clean and clean.method == "groups"
+    assert clean.organs["lung"].cross_split_pairs == 0 and clean.organs["lung"].closest == []
+    leaking = check_leakage([row("a.png", "p1", "1" * 64, "train"),
+                             row("c.png", "p1", "3" * 64, "test"),
+                             row("d.png", None, "1" * 64, "val")])  # fmt: skip
+    organ = leaking.organs["lung"]
+    assert not leaking.clean
+    assert organ.cross_split_groups == 1 and organ.cross_split_copies == 1

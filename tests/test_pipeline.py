@@ -9,7 +9,7 @@ from PIL import Image
 
 from organtrain.config import PrepareConfig
 from organtrain.data.cache import local_shard
-from organtrain.data.dataset import dataset_prefix, load_dataset
+from organtrain.data.dataset import load_dataset, shard_object_key
 from organtrain.data.pipeline import build_dataset, shard_files
 from organtrain.data.prepare import prepare
 from organtrain.data.synth import write_synthetic_tree
@@ -171,10 +171,37 @@ def test_concurrent_trials_download_a_shard_once(s3_dataset):
 def test_shard_corrupted_in_storage_is_an_error_naming_it(s3_dataset, tmp_path):
     store, index = s3_dataset
     shard = index.shards_for("lung", "val")[0]
-    key = f"{dataset_prefix('p', index.version)}/{shard.key}"
+    key = shard_object_key(index, shard)
     data = bytearray(store.get_bytes(key))
     data[len(data) // 2] ^= 0x01
     store.client.put_object(Bucket=store.bucket, Key=f"{store.prefix}/{key}", Body=bytes(data))
     with pytest.raises(ChecksumMismatchError, match=shard.key):
         shard_files(store, index, "lung", "val")
     assert not list((tmp_path / "node-cache").rglob("*.tfrecord"))
+
+
+def test_disk_cache_gives_the_memory_cache_batches_as_whole_grey_levels(local_dataset, tmp_path):
+    # 48-px shard images resized to 20: the pipeline rounds them to uint8 before its cache
+    # and shuffle buffer (a quarter of float32's bytes), and the model gets float32.
+    store, index = local_dataset
+    files = shard_files(store, index, "lung", "train")
+    streams = {}
+    for cache in ("memory", "disk", "none"):
+        ds = build_dataset(files, image_size=20, batch_size=4, training=True, seed=3, epochs=2,
+                           cache=cache, cache_file=str(tmp_path / "train"))  # fmt: skip
+        streams[cache] = [(x.numpy(), y.numpy()) for x, y in ds]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "train.data-00000-of-00001", "train.index"
+    ]  # fmt: skip
+    images = np.concatenate([x for x, _ in streams["memory"]])
+    assert images.dtype == np.float32 and (images == np.round(images)).all()
+    # The disk cache replays what the memory cache does; without a cache, each epoch reads
+    # the files in its own order, so only the first epoch is the same.
+    first_epoch = len(streams["memory"]) // 2
+    for cache, batches in (("disk", len(streams["memory"])), ("none", first_epoch)):
+        assert len(streams[cache]) == len(streams["memory"])
+        pairs = zip(streams[cache][:batches], streams["memory"][:batches], strict=True)
+        for (x, y), (x_memory, y_memory) in pairs:
+            assert np.array_equal(x, x_memory) and np.array_equal(y, y_memory)
+    with pytest.raises(ValueError, match="cache_file"):
+        build_dataset(files, image_size=20, batch_size=4, training=False, cache="disk")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from organtrain.cli import main
 from organtrain.config import PrepareConfig
-from organtrain.data.dataset import fetch_shard, load_dataset
+from organtrain.data.dataset import fetch_shard, load_dataset, read_manifest, shard_object_key
 from organtrain.data.manifest import read_parquet
 from organtrain.data.prepare import prepare
 from organtrain.data.shards import read_shard
@@ -55,7 +55,8 @@ def run(src: Path, dest, cfg=CFG):
 
 def tables(dest: LocalStorage, version: str, dataset: str = "t"):
     base = f"datasets/{dataset}/{version}"
-    manifest = read_parquet(dest.get_bytes(f"{base}/manifest.parquet")).to_pylist()
+    # With the near-duplicate signatures, which the pool keeps beside the shards.
+    manifest = read_manifest(dest, load_dataset(dest, dataset, version)).to_pylist()
     rejected = read_parquet(dest.get_bytes(f"{base}/rejected.parquet")).to_pylist()
     return manifest, rejected
 
@@ -266,10 +267,10 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
 def test_flipped_byte_in_a_shard_is_caught_and_named(tmp_path):
     src = make_tree(tmp_path / "src")
     dest = LocalStorage(tmp_path / "store")
-    result = run(src, dest)
+    run(src, dest)
     index = load_dataset(dest, "t")
     shard = index.shards_for("lung", "train")[0]
-    path = tmp_path / "store" / "datasets" / "t" / result.version / shard.key
+    path = tmp_path / "store" / shard_object_key(index, shard)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -283,11 +284,12 @@ def test_interrupted_publish_is_completed_without_rewriting_shards(tmp_path):
     dest = LocalStorage(tmp_path / "store")
     result = run(src, dest)
     version_dir = tmp_path / "store" / "datasets" / "t" / result.version
+    pool = tmp_path / "store" / "datasets" / "t" / "shards"
     # As if the run died after its shards were uploaded but before the index:
     (version_dir / "dataset.json").unlink()
-    lost = sorted(version_dir.glob("shards/*/*.tfrecord"))[0]
+    lost = sorted(pool.glob("*/*.tfrecord"))[0]
     lost.unlink()
-    kept = {p: p.stat().st_mtime_ns for p in version_dir.glob("shards/*/*.tfrecord")}
+    kept = {p: p.stat().st_mtime_ns for p in pool.glob("*/*.tfrecord")}
     with pytest.raises(DataError, match="never completed"):
         load_dataset(dest, "t", result.version)
     again = run(src, dest)
@@ -328,7 +330,7 @@ def test_prepare_from_and_to_s3(tmp_path, s3_uri):
     assert prepare(source, dest, CFG, progress=False).created is False
 
     # Corrupt one shard in the bucket: reading it fails and names it.
-    key = f"datasets/t/{result.version}/{shard.key}"
+    key = shard_object_key(index, shard)
     data = bytearray(dest.get_bytes(key))
     data[-5] ^= 0xFF
     client, full_key = dest.client, f"{dest.prefix}/{key}"

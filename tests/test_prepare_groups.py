@@ -23,7 +23,7 @@ from PIL import Image
 
 from organtrain.cli import main
 from organtrain.config import PrepareConfig
-from organtrain.data.dataset import load_dataset
+from organtrain.data.dataset import load_dataset, read_manifest
 from organtrain.data.manifest import read_parquet
 from organtrain.data.prepare import prepare
 from organtrain.data.synth import write_synthetic_tree
@@ -120,7 +120,9 @@ def test_the_leakage_check_passes_the_published_version_and_fails_a_leaking_one(
     # Tamper with the manifest as a careless hand edit would: one crop of a smear, and
     # one of a near-duplicate pair made below, moved to another split.
     path = store / "datasets" / "g" / result.version / "manifest.parquet"
-    table = pq.read_table(path)
+    # With the signatures (kept in the shard pool): a manifest that has the column is read
+    # as it is.
+    table = read_manifest(LocalStorage(store), load_dataset(LocalStorage(store), "g"))
     rows = table.to_pylist()
     alone = [r for r in rows if r["split"] == "test" and r["neardup_cluster"] is None]
     victim = alone[0]
@@ -323,10 +325,14 @@ def test_the_leakage_check_reads_a_version_prepared_before_signatures(tmp_path, 
     src, store = tmp_path / "src", tmp_path / "store"
     synth_lung(src, per_diagnosis=20, size=32, seed=4)
     result = run(src, store)
-    # As an older organtrain wrote it: no signature column (format 1).
+    # As an older organtrain wrote it: no signature column (format 1), and no signature
+    # tables beside the shards.
     path = store / "datasets" / "g" / result.version / "manifest.parquet"
     table = pq.read_table(path)
-    pq.write_table(table.drop(["signature", "group", "unit", "neardup_cluster"]), path)
+    assert "signature" not in table.column_names  # the pool keeps them
+    pq.write_table(table.drop(["group", "unit", "neardup_cluster"]), path)
+    for signatures in (store / "datasets" / "g" / "shards").rglob("*.parquet"):
+        signatures.unlink()
     args = ["leakage", "--storage", str(store), "--dataset", "g", "--no-progress"]
     assert main(args) == 0  # signatures computed from the shards' images
     out = capsys.readouterr().out

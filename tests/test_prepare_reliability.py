@@ -18,7 +18,7 @@ from test_prepare import CFG, make_tree, png_bytes, run, tables
 
 from organtrain.cli import main
 from organtrain.config import PrepareConfig
-from organtrain.data.dataset import fetch_shard, load_dataset
+from organtrain.data.dataset import fetch_shard, load_dataset, shard_object_key
 from organtrain.data.prepare import prepare
 from organtrain.data.prepare import repair as repair_version
 from organtrain.errors import ChecksumMismatchError, DataError, StorageError
@@ -243,12 +243,11 @@ def test_repair_rewrites_missing_and_corrupt_shards_from_the_source(tmp_path, ca
     assert main(args) == 0
     dest = LocalStorage(store)
     index = load_dataset(dest, "t")
-    version_dir = store / "datasets" / "t" / index.version
     corrupt, lost = index.shards[0], index.shards[-1]
-    data = bytearray((version_dir / corrupt.key).read_bytes())
+    data = bytearray((store / shard_object_key(index, corrupt)).read_bytes())
     data[len(data) // 2] ^= 0x01
-    (version_dir / corrupt.key).write_bytes(bytes(data))
-    (version_dir / lost.key).unlink()
+    (store / shard_object_key(index, corrupt)).write_bytes(bytes(data))
+    (store / shard_object_key(index, lost)).unlink()
 
     # The reader's message says exactly what to run.
     with pytest.raises(ChecksumMismatchError) as caught:
@@ -269,7 +268,7 @@ def test_repair_rewrites_missing_and_corrupt_shards_from_the_source(tmp_path, ca
     # A source file changed since: the shard cannot be rebuilt byte for byte; say so.
     row = next(r for r in tables(dest, index.version)[0] if r["shard"] == corrupt.key)
     (src / row["key"]).write_bytes(png_bytes("RGB", (23, 23)))
-    (version_dir / corrupt.key).unlink()
+    (store / shard_object_key(index, corrupt)).unlink()
     with pytest.raises(DataError, match=rf"{row['key']}.*changed.*new version"):
         repair_version(LocalStorage(src), dest, CFG, version=index.version, progress=False)
 
@@ -280,7 +279,7 @@ def test_plain_prepare_does_not_call_a_version_with_missing_shards_unchanged(tmp
     args = ["prepare", str(src), "--dest", str(store), *PREPARE_ARGS]
     assert main(args) == 0
     index = load_dataset(LocalStorage(store), "t")
-    (store / "datasets" / "t" / index.version / index.shards[1].key).unlink()
+    (store / shard_object_key(index, index.shards[1])).unlink()
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out

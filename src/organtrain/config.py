@@ -115,20 +115,49 @@ class PrepareConfig:
         _require(self.workers >= 1, "workers", "must be at least 1")
 
 
+CACHE_MODES = ("auto", "memory", "disk", "none")
+
+
 @dataclass(frozen=True)
 class InputConfig:
     """The tf.data input pipeline of one trial."""
 
     image_size: int = 64  # model input, square pixels; shard images are cropped/resized to it
     batch_size: int = 32  # per replica: the global batch is batch_size × replicas
-    shuffle_buffer: int = 2048  # images
-    cache_images: bool = True  # keep decoded, resized images in memory after epoch 1
+    shuffle_buffer: int = 2048  # images; shrunk (and logged) when the budget cannot hold it
+    # Where decoded, resized images (uint8) are kept after the first epoch: memory, disk
+    # (a node-local file under cache_dir, removed after the trial), none (decoded every
+    # epoch), or auto: memory when the organ's train and validation images fit in the
+    # trial's share of memory_budget_mb beside the shuffle buffer, else disk.
+    cache: str = "auto"
+    # RAM per node for the cache and the shuffle buffer, divided between the trials that
+    # share the node (its CPUs / resources.cpus_per_trial; GPUs likewise). None: a
+    # quarter of the node's memory (its cgroup limit when lower).
+    memory_budget_mb: int | None = None
     cache_dir: str | None = None  # node-local shard cache; None: ~/.cache/organtrain/shards
+
+    # Keys this section no longer has, with what replaces them (see from_dict).
+    REMOVED_KEYS: typing.ClassVar[dict[str, str]] = {
+        "cache_images": "was replaced by input.cache: write `cache: auto` (or memory) for "
+        "`cache_images: true`, `cache: none` for `cache_images: false`",
+    }
 
     def __post_init__(self):
         _require(self.image_size >= 8, "image_size", "must be at least 8 pixels")
         _require(self.batch_size >= 1, "batch_size", "must be at least 1")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", "must be at least 1")
+        _require(
+            self.cache in CACHE_MODES,
+            "cache",
+            f"must be one of {', '.join(CACHE_MODES)}, got {self.cache!r} (auto: memory when "
+            "the images fit in input.memory_budget_mb, else disk)",
+        )
+        _require(
+            self.memory_budget_mb is None or self.memory_budget_mb >= 1,
+            "memory_budget_mb",
+            "must be at least 1 (MB of RAM per node for cached images and the shuffle "
+            "buffer), or null for a quarter of the node's memory",
+        )
 
 
 @dataclass(frozen=True)
@@ -591,6 +620,9 @@ def from_dict(cls: type, data: Any, *, source: str, path: str = ""):
         raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in data if key not in fields]
+    removed = getattr(cls, "REMOVED_KEYS", {})
+    if unknown and unknown[0] in removed:
+        raise ConfigError(f"{source}: {_join(path, unknown[0])} {removed[unknown[0]]}")
     if unknown:
         raise ConfigError(_unknown_key_message(source, path, unknown[0], list(fields)))
     hints = typing.get_type_hints(cls)

@@ -18,12 +18,16 @@ and the lock of each of its organs. A second writer exits 3 naming the holder.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -32,10 +36,19 @@ from organtrain import evaluate, plots
 from organtrain.augment import augment_in_dataset, build_augmentation, resolve_placement
 from organtrain.checkpoint import DurableCheckpoint, TrainingState, load_checkpoint
 from organtrain.config import RunConfig
+from organtrain.console import notice
 from organtrain.data.cache import shard_read_errors
 from organtrain.data.dataset import DatasetIndex, load_dataset
 from organtrain.data.manifest import parquet_bytes
-from organtrain.data.pipeline import build_dataset, shard_files
+from organtrain.data.pipeline import (
+    InputPlan,
+    build_dataset,
+    disk_cache_folder,
+    node_budget_bytes,
+    plan_input,
+    return_freed_images_to_the_system,
+    shard_files,
+)
 from organtrain.errors import ConfigError, DataError
 from organtrain.metrics import BalancedAccuracy
 from organtrain.models import build_model, loss_scaled, precision_policy
@@ -73,6 +86,9 @@ class TrainResult:
     test_balanced_accuracy: float = float("nan")  # mean per-class recall (NaN: older runs)
     test_recall: dict[str, float] | None = None  # diagnosis -> its recall on the test split
     class_weights: dict[str, float] | None = None  # diagnosis -> loss weight (class_weight)
+    # Where the training images were cached, the shuffle buffer and the memory budget
+    # (data.pipeline.InputPlan); a sweep's trials report theirs to Tune (input_cache, ...).
+    input_plan: dict | None = None
 
 
 # A lock's holder rewrites it every 30 s (storage.lock.HEARTBEAT_S); one not rewritten for
@@ -104,8 +120,13 @@ def organ_lock(storage: Storage, run_id: str, organ: str) -> StorageLock:
 
 
 # Fields that may change between a run and its resumption without changing what is trained:
-# more epochs, another machine's replica count, another node's cache folder.
-_RESUMABLE_CHANGES = {("train", "epochs"), ("train", "cpu_replicas"), ("input", "cache_dir")}
+# more epochs, another machine's replica count, another node's cache folder, where images
+# are cached and the memory budget (which changes the batches only where it shrinks the
+# shuffle buffer, as the trial's log line says).
+_RESUMABLE_CHANGES = {
+    ("train", "epochs"), ("train", "cpu_replicas"), ("input", "cache_dir"), ("input", "cache"),
+    ("input", "memory_budget_mb"),
+}  # fmt: skip
 
 
 def trial_settings(cfg: RunConfig) -> dict:
@@ -187,29 +208,65 @@ def _train_organ(
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.input.batch_size * replicas
     first_epoch = state.epoch if state is not None else 0
-    train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch, first_epoch)
-    if state is None:
-        monitor = "val_loss" if val_ds is not None else "loss"
-        state = TrainingState(index.version, monitor=monitor, settings=settings)
-    log.info(
-        "%s: %s on %d replica(s), global batch %d, from epoch %d of %d",
-        organ, cfg.model.name, replicas, global_batch, state.epoch + 1, cfg.train.epochs,
-    )  # fmt: skip
-    # Fitted on the training split for a fresh model; a checkpoint carries its own.
-    reference = None if state.latest else training_reference(cfg, storage, index, organ)
-    with strategy.scope():
-        model = _model(cfg, storage, prefix, state, len(classes), reference)
-    if state.epoch < cfg.train.epochs and not state.stopped_early:
-        callbacks = [
-            DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience),
-            # After the checkpoint: an epoch shows in TensorBoard once it is committed.
-            EpochLog(storage, train_log_prefix(prefix), state.history),
-        ]
-        fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch, callbacks,
-            verbose=verbose)  # fmt: skip
+    with training_data(cfg, storage, index, organ, global_batch, first_epoch) as data:
+        train_ds, val_ds, plan = data
+        if state is None:
+            monitor = "val_loss" if val_ds is not None else "loss"
+            state = TrainingState(index.version, monitor=monitor, settings=settings)
+        # A notice, shown without -v: where training starts or resumes is what a user of
+        # `train` (and SLURM's requeued jobs, whose logs the preemption tests read) needs.
+        notice(
+            log,
+            "%s: %s on %d replica(s), global batch %d, from epoch %d of %d",
+            organ, cfg.model.name, replicas, global_batch, state.epoch + 1, cfg.train.epochs,
+        )  # fmt: skip
+        # Fitted on the training split for a fresh model; a checkpoint carries its own.
+        reference = None if state.latest else training_reference(cfg, storage, index, organ)
+        with strategy.scope():
+            model = _model(cfg, storage, prefix, state, len(classes), reference)
+        if state.epoch < cfg.train.epochs and not state.stopped_early:
+            callbacks = [
+                DurableCheckpoint(storage, prefix, state, cfg.train.early_stopping_patience),
+                # After the checkpoint: an epoch shows in TensorBoard once it is committed.
+                EpochLog(storage, train_log_prefix(prefix), state.history),
+            ]
+            fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch,
+                callbacks, verbose=verbose)  # fmt: skip
     best = load_checkpoint(storage, prefix, state.best)
     return finish(cfg, storage, prefix, run_id, organ, index, classes, best, state,
-                   replicas, global_batch, started)  # fmt: skip
+                   replicas, global_batch, started, input_plan=plan.record())  # fmt: skip
+
+
+@contextlib.contextmanager
+def training_data(
+    cfg: RunConfig,
+    storage: Storage,
+    index: DatasetIndex,
+    organ: str,
+    global_batch: int,
+    first_epoch: int = 0,
+    *,
+    trials_per_node: int = 1,
+) -> Iterator[tuple[Any, Any, InputPlan]]:
+    """(train, val, plan) as `datasets` makes them, with a node-local folder for the disk
+    cache that is removed when the block ends."""
+    return_freed_images_to_the_system()  # else the shuffle buffer's churn grows the heap
+    with disk_cache_folder(cfg.input.cache_dir) as folder:
+        yield datasets(
+            cfg, storage, index, organ, global_batch, first_epoch,
+            trials_per_node=trials_per_node, cache_folder=folder, with_plan=True,
+        )  # fmt: skip
+
+
+def input_plan(cfg: RunConfig, index: DatasetIndex, organ: str, trials_per_node: int = 1):
+    """Where this trial caches its images and how large its shuffle buffer is, within its
+    share of input.memory_budget_mb (see data.pipeline.plan_input)."""
+    inp = cfg.input
+    return plan_input(
+        inp.cache, image_size=inp.image_size, train_images=index.split_size(organ, "train"),
+        val_images=index.split_size(organ, "val"), shuffle_buffer=inp.shuffle_buffer,
+        budget_bytes=node_budget_bytes(inp.memory_budget_mb), trials_per_node=trials_per_node,
+    )  # fmt: skip
 
 
 def datasets(
@@ -219,10 +276,21 @@ def datasets(
     organ: str,
     global_batch: int,
     first_epoch: int = 0,
+    *,
+    trials_per_node: int = 1,
+    cache_folder: Path | None = None,
+    with_plan: bool = False,
 ):
     """(train, val): train streams the batches of epochs first_epoch+1..train.epochs (fit it
-    with steps_per_epoch); val is one pass, repeated by Keras after each epoch."""
+    with steps_per_epoch); val is one pass, repeated by Keras after each epoch. With
+    `with_plan`, also the InputPlan they follow. The disk cache (input.cache disk, or auto
+    over budget) needs `cache_folder`: without one, images are decoded every epoch."""
     inp = cfg.input
+    plan = input_plan(cfg, index, organ, trials_per_node)
+    if plan.cache == "disk" and cache_folder is None:
+        plan = dataclasses.replace(plan, cache="none")
+    # A shrunk shuffle buffer is not what the config asked: shown without -v.
+    (log.warning if plan.shuffle_shrunk else log.info)("%s: %s", organ, plan.describe())
     augment = None
     if resolve_placement(cfg.augment) == "dataset":
         seed = cfg.train.seed
@@ -231,7 +299,7 @@ def datasets(
         def augment(ds):
             return augment_in_dataset(ds, cfg.augment, seed=seed, first_step=first_step)
 
-    common = dict(image_size=inp.image_size, batch_size=global_batch, cache_images=inp.cache_images)
+    common = dict(image_size=inp.image_size, batch_size=global_batch, cache=plan.cache)
     n = index.split_size(organ, "train")
     if n < global_batch:
         raise DataError(
@@ -240,13 +308,21 @@ def datasets(
         )
     train = build_dataset(
         shard_files(storage, index, organ, "train", inp.cache_dir), num_images=n, training=True,
-        seed=cfg.train.seed, shuffle_buffer=inp.shuffle_buffer, augment=augment,
-        first_epoch=first_epoch, epochs=max(cfg.train.epochs - first_epoch, 0), **common,
+        seed=cfg.train.seed, shuffle_buffer=plan.shuffle_buffer, augment=augment,
+        first_epoch=first_epoch, epochs=max(cfg.train.epochs - first_epoch, 0),
+        cache_file=_cache_file(cache_folder, "train"), **common,
     )  # fmt: skip
     val_files = shard_files(storage, index, organ, "val", inp.cache_dir)
     n = index.split_size(organ, "val")
-    val = build_dataset(val_files, num_images=n, training=False, **common) if val_files else None
-    return train, val
+    val = None
+    if val_files:
+        val = build_dataset(val_files, num_images=n, training=False,
+                            cache_file=_cache_file(cache_folder, "val"), **common)  # fmt: skip
+    return (train, val, plan) if with_plan else (train, val)
+
+
+def _cache_file(folder: Path | None, split: str) -> str | None:
+    return str(folder / split) if folder is not None else None
 
 
 def fit(
@@ -378,7 +454,7 @@ def predict_split(
     data = build_dataset(
         shard_files(storage, index, organ, split, cache_dir),
         num_images=index.split_size(organ, split), image_size=image_size,
-        batch_size=batch_size, training=False, cache_images=False, with_keys=True,
+        batch_size=batch_size, training=False, cache="none", with_keys=True,
     )  # fmt: skip
     with shard_read_errors():
         batches = [
@@ -406,8 +482,10 @@ def finish(
     global_batch,
     started,
     search=None,
+    input_plan=None,
 ):
-    """Evaluate the best model on the test split; publish tables, plots, model, result."""
+    """Evaluate the best model on the test split; publish tables, plots, model, result.
+    `input_plan` (InputPlan.record()): where the trial cached its images, for result.json."""
     y_true, y_prob, hashes, keys = predict_split(
         model, storage, index, organ, "test", image_size=cfg.input.image_size,
         batch_size=global_batch, cache_dir=cfg.input.cache_dir,
@@ -448,7 +526,7 @@ def finish(
         seconds=time.monotonic() - started, uri=storage.url(prefix), settings=state.settings,
         search=search, test_balanced_accuracy=value[("balanced_accuracy", None)],
         test_recall={c: value[("recall", c)] for c in classes},
-        class_weights=class_weights(cfg, index, organ),
+        class_weights=class_weights(cfg, index, organ), input_plan=input_plan,
     )  # fmt: skip
     out.put_bytes(RESULT, json.dumps(asdict(result), indent=2).encode())  # the trial is done
     log.info("%s: test accuracy %.3f, macro F1 %.3f (%d images)", organ,

@@ -40,9 +40,10 @@ from organtrain.data.dataset import (
     dataset_prefix,
     repair_advice,
     repair_command,
+    shard_object_key,
 )
 from organtrain.errors import ChecksumMismatchError
-from organtrain.storage import LocalStorage, Storage, join_key, sha256_file, verify_checksum
+from organtrain.storage import LocalStorage, Storage, sha256_file, verify_checksum
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +114,21 @@ def local_shard(
 
 
 def _local_shard(storage, index, shard, cache_dir) -> CachedShard:
-    key = join_key(dataset_prefix(index.dataset, index.version), shard.key)
+    key = shard_object_key(index, shard)
+    # The cache mirrors the dataset's folder: a pool shard (named by its sha256) is one
+    # file on the node whichever versions list it; a shard a version owns is under it.
+    within = Path(*key.removeprefix(dataset_prefix(index.dataset) + "/").split("/"))
     if isinstance(storage, LocalStorage):
         # Already a local file: verify it where it is instead of copying it.
-        stamps = cache_root(cache_dir) / IN_PLACE / index.dataset / index.version
-        return _in_place_shard(storage.path(key), shard, stamps, repair_command(storage, index))
-    path = cache_root(cache_dir) / index.dataset / index.version / shard.key
+        stamp = cache_root(cache_dir) / IN_PLACE / index.dataset / within
+        stamp = stamp.with_name(stamp.name + STAMP_SUFFIX)
+        return _in_place_shard(storage.path(key), shard, stamp, repair_command(storage, index))
+    path = cache_root(cache_dir) / index.dataset / within
     return _cached_shard(storage, key, shard, path)
 
 
-def _in_place_shard(path: Path, shard: ShardEntry, stamps: Path, repair: str) -> CachedShard:
+def _in_place_shard(path: Path, shard: ShardEntry, stamp: Path, repair: str) -> CachedShard:
     _OPENED.pop(str(path), None)  # listed again once verified
-    stamp = stamps / f"{shard.key}{STAMP_SUFFIX}"
     _verify_in_place(path, shard.sha256, stamp)
     _OPENED[str(path)] = _Opened(shard.sha256, stamp, Path(f"{stamp}.lock"), False, repair)
     return CachedShard(path, downloaded=False)

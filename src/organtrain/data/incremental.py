@@ -35,7 +35,14 @@ import pyarrow as pa
 from organtrain.config import PrepareConfig
 from organtrain.data import neardup
 from organtrain.data.assign import CheckedImage
-from organtrain.data.dataset import FORMAT, REJECTED, DatasetIndex, ShardEntry, dataset_prefix
+from organtrain.data.dataset import (
+    FORMAT,
+    REJECTED,
+    DatasetIndex,
+    ShardEntry,
+    dataset_prefix,
+    shards_root,
+)
 from organtrain.data.manifest import read_parquet
 from organtrain.data.scan import Candidate, Rejection
 from organtrain.data.shards import read_shard_images
@@ -95,7 +102,7 @@ class KnownFiles:
     """The previous version's facts about the files it read, and where their images are."""
 
     version: str
-    prefix: str  # the previous version's folder in the destination
+    prefix: str  # the folder its shard keys are relative to (the pool, or its own)
     images: dict[str, _Facts]  # source key -> facts
     rejections: dict[str, Rejection]  # source key -> its failed check
     shard_of: dict[str, str]  # sha256 -> the previous shard holding its image
@@ -194,14 +201,13 @@ def known_files(
         for key, *facts in zip(*(columns[c] for c in FACT_COLUMNS), strict=True)
         if facts[1] is not None  # a row read without a listing tag cannot be matched
     }
-    prefix = dataset_prefix(index.dataset, index.version)
     shard_of = dict(zip(manifest.column("sha256").to_pylist(),
                         manifest.column("shard").to_pylist(), strict=True))  # fmt: skip
     return KnownFiles(
         version=index.version,
-        prefix=prefix,
+        prefix=shards_root(index),
         images=images,
-        rejections=_failed_checks(dest, prefix),
+        rejections=_failed_checks(dest, dataset_prefix(index.dataset, index.version)),
         shard_of=shard_of,
         shards={s.key: s for s in index.shards},
     )

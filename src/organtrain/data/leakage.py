@@ -77,13 +77,17 @@ def check_leakage(rows: Iterable[dict], *, closest: int = CLOSEST_PAIRS) -> Leak
     by_organ: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_organ[row["organ"]].append(row)
+    # With the near-duplicate guard off (prepare.near_duplicates: false) rows carry no
+    # signature: groups and identical files are still checked, near-duplicates cannot be.
+    signed = any(r.get("signature") for members in by_organ.values() for r in members)
     return LeakageReport(
-        neardup.SIGNATURE_METHOD,
-        {organ: _check_organ(organ, members, closest) for organ, members in by_organ.items()},
-    )
+        neardup.SIGNATURE_METHOD if signed else "groups",
+        {organ: _check_organ(organ, members, closest if signed else 0, signed)
+         for organ, members in by_organ.items()},
+    )  # fmt: skip
 
 
-def _check_organ(organ: str, rows: list[dict], closest: int) -> OrganLeakage:
+def _check_organ(organ: str, rows: list[dict], closest: int, signed: bool) -> OrganLeakage:
     distinct = _distinct_images(rows)
     result = OrganLeakage(
         organ=organ,
@@ -101,7 +105,7 @@ def _check_organ(organ: str, rows: list[dict], closest: int) -> OrganLeakage:
     per_split = {s: [r for r in distinct if r["split"] == s] for s in SPLITS}
     for a, b in itertools.combinations(SPLITS, 2):
         left, right = per_split[a], per_split[b]
-        if not left or not right:
+        if not signed or not left or not right:
             continue
         pairs = neardup.cross_pairs([r["signature"] for r in left], [r["signature"] for r in right])
         result.cross_split_pairs += len(pairs)
@@ -162,12 +166,9 @@ def _closest(train: list[dict], test: list[dict], k: int) -> list[dict]:
 def check_version(storage, index, *, progress: bool = False) -> LeakageReport:
     """Check a published version from its manifest. A version prepared before signatures
     were kept (format 1) has its signatures computed from its shards' images."""
-    from organtrain.data.dataset import MANIFEST, dataset_prefix
-    from organtrain.data.manifest import read_parquet
-    from organtrain.storage import join_key
+    from organtrain.data.dataset import read_manifest
 
-    prefix = dataset_prefix(index.dataset, index.version)
-    manifest = read_parquet(storage.get_bytes(join_key(prefix, MANIFEST)))
+    manifest = read_manifest(storage, index)  # signatures from the shard pool (format 3)
     rows = manifest.to_pylist()
     if "signature" not in manifest.column_names:
         signatures = _signatures_from_shards(storage, index, progress)

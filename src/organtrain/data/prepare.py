@@ -12,11 +12,14 @@ Stages, each safe to interrupt:
 4. group and split (assign.py): groups, copies and near-duplicates share a split;
 5. name the version by hashing inputs, splits and settings; if it exists, check that its
    shards are all there and rewrite any that are not (from the source), then stop;
-6. write shards (skipping any already published with the same sha256) and the tables,
-   check for leakage independently (leakage.py) and refuse to publish a leak, then write
-   dataset.json — the step that makes the version visible — then LATEST.json. A failure
-   before dataset.json (a full disk) deletes what this run wrote; a killed run leaves its
-   shards for the next run to reuse.
+6. plan the shards: the previous version's shards whose records are unchanged are listed
+   again, the other images go into new shards (shards.plan_split); write the new ones into
+   the dataset's pool, named by their sha256 (one already there is not uploaded again),
+   with their images' signatures beside them, and the tables; check for leakage
+   independently (leakage.py) and refuse to publish a leak, then write dataset.json — the
+   step that makes the version visible — then LATEST.json. A failure before dataset.json
+   (a full disk) deletes what this run wrote; a killed run leaves its shards for the next
+   run to reuse (or `organtrain datasets gc` to remove).
 
 The whole run holds the dataset's lock (`datasets/<name>/prepare.lock`): a second
 `prepare` of the same dataset, on this machine or another, exits 3 naming the holder.
@@ -31,6 +34,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import logging
 import os
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from organtrain.config import PrepareConfig
@@ -52,12 +57,18 @@ from organtrain.data.dataset import (
     INDEX,
     LATEST,
     MANIFEST,
+    POOL,
+    POOL_FORMAT,
     REJECTED,
     DatasetIndex,
     OrganIndex,
     ShardEntry,
     dataset_prefix,
     load_dataset,
+    read_manifest,
+    shard_object_key,
+    shards_root,
+    signatures_key,
 )
 from organtrain.data.groups import apply_group_table, load_group_table
 from organtrain.data.images import ImageRejected, normalise_image
@@ -66,18 +77,24 @@ from organtrain.data.leakage import LeakageReport, check_leakage
 from organtrain.data.manifest import (
     ImageRow,
     manifest_table,
-    parquet_bytes,
     read_parquet,
     rejected_table,
 )
 from organtrain.data.scan import Candidate, Rejection, scan_tree
-from organtrain.data.shards import ShardRecord, plan_shards, shard_key, write_shard
+from organtrain.data.shards import (
+    ExistingShard,
+    ShardRecord,
+    plan_split,
+    pool_shard_key,
+    write_shard,
+)
 from organtrain.errors import ChecksumMismatchError, DataError, ObjectNotFoundError
 from organtrain.storage import LocalStorage, Storage, join_key, sha256_bytes, sha256_file
 from organtrain.storage.lock import LockHeld, StorageLock
 
 log = logging.getLogger(__name__)
 
+SIGNATURES_SCHEMA = pa.schema([("sha256", pa.string()), ("signature", pa.binary())])
 LOCK = "prepare.lock"  # under datasets/<name>/, beside LATEST.json
 # A holder refreshes its lock every 30 s; one silent this long has died (another host).
 LOCK_STALE_AFTER_S = 600
@@ -204,20 +221,9 @@ def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress
             split_changes=changes,
         )
         if result.created:
-            _spool_known_images(source, dest, known, assignment, cfg, Path(spool))
-            tags = {c.key: c.tag for c in listing.candidates}
-            _publish(
-                dest.sub(prefix),
-                assignment,
-                rejected,
-                cfg,
-                version,
-                source,
-                Path(spool),
-                progress,
-                changes,
-                tags,
-            )
+            job = _Publishing(source, dest, cfg, version, Path(spool), progress, known,
+                              {c.key: c.tag for c in listing.candidates})  # fmt: skip
+            _publish(job, assignment, rejected, changes, previous)
         else:
             repaired = _repair_missing_shards(source, dest, cfg.dataset, version, Path(spool))
             result = dataclasses.replace(result, repaired=repaired)
@@ -321,9 +327,8 @@ def _previous(dest: Storage, cfg: PrepareConfig) -> Previous | None:
         index = load_dataset(dest, cfg.dataset)
     except DataError:
         return None  # no version yet (or the last one never completed: nothing to keep)
-    prefix = dataset_prefix(cfg.dataset, index.version)
     try:
-        manifest = read_parquet(dest.get_bytes(join_key(prefix, MANIFEST)))
+        manifest = read_manifest(dest, index)  # with the signatures, from the pool
     except ObjectNotFoundError:
         return None
     columns = manifest.select(["organ", "sha256", "split"]).to_pydict()
@@ -438,22 +443,21 @@ def _spool_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _spool_known_images(source, dest, known: KnownFiles | None, assignment, cfg, spool: Path):
-    """The shard image of each file that was not read (unchanged since the previous
+def _spool_images(job: _Publishing, rows: list[Assigned]) -> None:
+    """The shard image of each of `rows` that was not read (unchanged since the previous
     version), into the spool: copied from the previous version's shards, else (a shard
-    missing or damaged) read from the source."""
-    unread = {
-        r.image.sha256: r.image
-        for r in assignment.rows
-        if r.duplicate_of is None and not (spool / r.image.sha256).exists()
-    }
+    missing or damaged) read from the source. Only the images of shards to be written are
+    asked for: a shard kept from the previous version needs none."""
+    spool = job.spool
+    unread = {r.image.sha256: r.image for r in rows if not (spool / r.image.sha256).exists()}
     if not unread:
         return
     missing = set(unread)
-    if known is not None:
-        missing = known.copy_images(dest, missing, spool, _spool_write, min(cfg.workers, 4))
+    if job.known is not None:
+        missing = job.known.copy_images(job.dest, missing, spool, _spool_write,
+                                        min(job.cfg.workers, 4))  # fmt: skip
     for sha in sorted(missing):
-        _spool_from_source(source, unread[sha], cfg, spool, known)
+        _spool_from_source(job.source, unread[sha], job.cfg, spool, job.known)
 
 
 def _spool_from_source(source, image: CheckedImage, cfg, spool: Path, known) -> None:
@@ -497,18 +501,40 @@ def _settings(cfg: PrepareConfig) -> dict:
     return settings
 
 
-def _publish(
-    out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes, tags
-) -> None:
-    written: list[str] = []  # keys this run wrote, none of them published yet
+@dataclass(frozen=True)
+class _Publishing:
+    """What writing one new version works with."""
+
+    source: Storage
+    dest: Storage
+    cfg: PrepareConfig
+    version: str
+    spool: Path  # local folder of encoded images, named by sha256
+    progress: bool
+    known: KnownFiles | None  # what the previous version knows of unchanged files
+    tags: dict[str, str | None]  # source key -> listing tag
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One shard of the new version: kept from the previous version, or to be written."""
+
+    organ: str
+    split: str
+    members: list[Assigned]  # in record order (sha256)
+    reuse: ShardEntry | None  # the previous version's shard holding exactly these records
+
+
+def _publish(job: _Publishing, assignment, rejected, changes, previous) -> None:
+    written: list[str] = []  # keys this run wrote (from the storage root), none published
     try:
-        _write_version(out, assignment, rejected, cfg, version, source, spool, progress,
-                       changes, tags, written)  # fmt: skip
+        _write_version(job, assignment, rejected, changes, previous, written)
     except Exception:
         # A full disk, a refused upload, a leak: what this run wrote belongs to no
         # published version (dataset.json comes last), so it goes, and frees its space.
-        # Not on KeyboardInterrupt or a kill: the next run reuses the shards (same bytes).
-        _remove_unpublished(out, written)
+        # Not on KeyboardInterrupt or a kill: the next run reuses the shards (same bytes),
+        # and `organtrain datasets gc` removes pool shards no version came to list.
+        _remove_unpublished(job.dest, written)
         raise
 
 
@@ -521,22 +547,30 @@ def _remove_unpublished(out: Storage, written: list[str]) -> None:
                     len(written), out.uri)  # fmt: skip
 
 
-def _write_version(
-    out: Storage, assignment, rejected, cfg, version, source, spool, progress, changes, tags,
-    written,
-) -> None:  # fmt: skip
-    shard_of, shards = _write_shards(out, assignment, cfg, spool, progress, written)
-    rows = [_manifest_row(r, shard_of, tags) for r in assignment.rows]
+def _write_version(job: _Publishing, assignment, rejected, changes, previous, written) -> None:
+    cfg, version = job.cfg, job.version
+    prefix = dataset_prefix(cfg.dataset, version)
+    out = job.dest.sub(prefix)
+    pool = _pool_listing(job.dest, cfg.dataset)
+    plan = _plan_shards(assignment, cfg, previous, pool)
+    _spool_images(job, [row for shard in plan if shard.reuse is None for row in shard.members])
+    shard_of, shards = _write_shards(job, plan, written)
+    if cfg.near_duplicates:
+        _write_signatures(job, plan, shards, pool, written)
+    rows = [_manifest_row(r, shard_of, job.tags) for r in assignment.rows]
     leakage = _check_before_publishing(rows, cfg, out)
-    written.append(MANIFEST)
-    out.put_bytes(MANIFEST, parquet_bytes(manifest_table(rows)))
-    written.append(REJECTED)
-    out.put_bytes(REJECTED, parquet_bytes(rejected_table(rejected)))
+    written.append(join_key(prefix, MANIFEST))
+    # The signatures are in the pool, beside the shards (dataset.read_manifest).
+    manifest = manifest_table(rows).drop_columns(["signature"])
+    out.put_bytes(MANIFEST, _compact_parquet(manifest))
+    written.append(join_key(prefix, REJECTED))
+    out.put_bytes(REJECTED, _compact_parquet(rejected_table(rejected)))
     index = DatasetIndex(
         dataset=cfg.dataset,
         version=version,
-        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        source=source.uri,
+        # Milliseconds: `datasets gc` keeps the newest versions, and two can share a second.
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        source=job.source.uri,
         settings=_settings(cfg),
         organs=_organ_counts(assignment),
         shards=shards,
@@ -547,13 +581,13 @@ def _write_version(
         split_changes=changes,
     )
     out.put_bytes(INDEX, index.to_json())  # the version becomes visible here
+    kept = sum(shard.reuse is not None for shard in plan)
     log.info(
-        "wrote dataset %s version %s: %d images in %d shards",
-        cfg.dataset,
-        version,
-        len(rows),
-        len(shards),
-    )
+        "wrote dataset %s version %s: %d images in %d shards (%d written, %d kept from "
+        "version %s)",
+        cfg.dataset, version, len(rows), len(shards), len(shards) - kept, kept,
+        previous.version if previous else "-",
+    )  # fmt: skip
 
 
 def _check_before_publishing(rows: list[ImageRow], cfg, out: Storage) -> LeakageReport | None:
@@ -584,47 +618,134 @@ def _check_before_publishing(rows: list[ImageRow], cfg, out: Storage) -> Leakage
     return report
 
 
-def _write_shards(out: Storage, assignment, cfg, spool: Path, progress: bool, written: list):
-    """One group of shards per organ and split, holding each distinct image once; the keys
-    of the shards it uploads are added to `written`."""
-    groups: dict[tuple[str, str], list[Assigned]] = defaultdict(list)
+def _pool_listing(dest: Storage, dataset: str) -> dict[str, int]:
+    """Key (from the dataset's folder) -> size of every object in the dataset's pool."""
+    root = dataset_prefix(dataset)
+    return {info.key.removeprefix(root + "/"): info.size
+            for info in dest.list(join_key(root, POOL))}  # fmt: skip
+
+
+def _plan_shards(assignment, cfg: PrepareConfig, previous, pool: dict) -> list[_Shard]:
+    """The shards of every organ's split, each distinct image once: the previous version's
+    shards whose records are unchanged are kept, the rest planned anew (shards.plan_split)."""
+    groups: dict[tuple[str, str], dict[str, Assigned]] = defaultdict(dict)
     for row in assignment.rows:
         if row.duplicate_of is None:
-            groups[(row.image.organ, row.split)].append(row)
-    jobs = []
+            groups[(row.image.organ, row.split)][row.image.sha256] = row
+    existing, entries = _shareable_shards(cfg, previous, pool)
+    plan = []
     for (organ, split), members in sorted(groups.items()):
-        members.sort(key=lambda r: r.image.sha256)
-        ranges = plan_shards(len(members), cfg.images_per_shard)
-        jobs += [
-            (shard_key(organ, split, i, len(ranges)), organ, split, members[a:b])
-            for i, (a, b) in enumerate(ranges)
-        ]
+        records = {sha: _record_of(row) for sha, row in members.items()}
+        for planned in plan_split(records, existing.get((organ, split), []),
+                                  cfg.images_per_shard):  # fmt: skip
+            reuse = entries[planned.reuse] if planned.reuse else None
+            plan.append(_Shard(organ, split, [members[sha] for sha in planned.members], reuse))
+    return plan
 
-    def write(job) -> ShardEntry:
-        key, organ, split, members = job
-        with tempfile.NamedTemporaryFile(dir=spool, suffix=".tfrecord") as tmp:
-            n = write_shard(tmp.name, (_shard_record(r, spool, cfg.encoding) for r in members))
+
+def _record_of(row: Assigned) -> tuple:
+    """What a shard record holds besides its image, which its sha256 and the image settings
+    decide (and is not compared)."""
+    i = row.image
+    return (row.label, i.diagnosis, i.key, i.encoded_width, i.encoded_height)
+
+
+def _shareable_shards(cfg: PrepareConfig, previous, pool: dict[str, int]):
+    """The previous version's pool shards a new version may list again, by organ and split,
+    each with what its records say; and their entries by key. None when that version owns
+    its shards (format 1 or 2), made its images with other settings, or sized its shards
+    otherwise; nor a shard missing from the pool or of the wrong size (`pool`: a listing)."""
+    if previous is None or previous.index.format < POOL_FORMAT:
+        return {}, {}
+    settings = _settings(cfg)
+    for name in (*incremental.IMAGE_SETTINGS, "images_per_shard"):
+        if previous.index.settings.get(name) != settings.get(name):
+            log.info("no shard of version %s is kept: prepare.%s changed", previous.version, name)
+            return {}, {}
+    index = previous.index
+    held: dict[str, dict[str, tuple]] = defaultdict(dict)
+    columns = ["key", "label", "diagnosis", "sha256", "shard", "duplicate_of",
+               "encoded_width", "encoded_height"]  # fmt: skip
+    for row in previous.manifest.select(columns).to_pylist():
+        if row["duplicate_of"] is None:
+            record = (row["label"], row["diagnosis"], row["key"], row["encoded_width"],
+                      row["encoded_height"])  # fmt: skip
+            held[row["shard"]][row["sha256"]] = record
+    entries = {
+        s.key: s
+        for s in index.shards
+        if pool.get(s.key) == s.bytes and len(held[s.key]) == s.images
+    }
+    existing: dict[tuple[str, str], list[ExistingShard]] = defaultdict(list)
+    for s in index.shards:
+        if s.key in entries:
+            existing[(s.organ, s.split)].append(ExistingShard(s.key, held[s.key]))
+    return existing, entries
+
+
+def _write_shards(job: _Publishing, plan: list[_Shard], written: list):
+    """Write the planned shards that are new into the pool, named by their sha256 (one
+    already there from an interrupted run is not uploaded again); the keys it uploads are
+    added to `written`. Returns (organ, sha256) -> shard key, and the version's entries."""
+    pool_prefix = dataset_prefix(job.cfg.dataset)
+    pool = job.dest.sub(pool_prefix)
+
+    def write(shard: _Shard) -> ShardEntry:
+        if shard.reuse is not None:
+            return shard.reuse
+        with tempfile.NamedTemporaryFile(dir=job.spool, suffix=".tfrecord") as tmp:
+            records = (_shard_record(r, job.spool, job.cfg.encoding) for r in shard.members)
+            n = write_shard(tmp.name, records)
             digest = sha256_file(tmp.name)
-            if out.checksum(key) != digest:  # else published by an interrupted earlier run
-                out.put_file(key, tmp.name)
-                written.append(key)
-            return ShardEntry(key, organ, split, n, os.path.getsize(tmp.name), digest)
+            key = pool_shard_key(shard.organ, shard.split, digest)
+            if pool.checksum(key) != digest:  # else published by an interrupted earlier run
+                pool.put_file(key, tmp.name)
+                written.append(join_key(pool_prefix, key))
+            return ShardEntry(key, shard.organ, shard.split, n, os.path.getsize(tmp.name), digest)
 
-    with ThreadPoolExecutor(min(cfg.workers, 4)) as pool:
-        futures = [pool.submit(write, job) for job in jobs]
+    new = sum(shard.reuse is None for shard in plan)
+    with ThreadPoolExecutor(min(job.cfg.workers, 4)) as threads:
+        futures = [threads.submit(write, shard) for shard in plan]
         try:
             shards = [
                 f.result()
-                for f in tqdm(futures, desc="writing shards", unit="shard", disable=not progress)
+                for f in tqdm(
+                    futures, desc=f"writing {new} shards", unit="shard", disable=not job.progress
+                )
             ]
         except BaseException:
             for f in futures:  # a full disk fails every shard after it: do not start them
                 f.cancel()
             raise
     shard_of = {
-        (r.image.organ, r.image.sha256): key for key, _, _, members in jobs for r in members
+        (r.image.organ, r.image.sha256): entry.key
+        for shard, entry in zip(plan, shards, strict=True)
+        for r in shard.members
     }
     return shard_of, shards
+
+
+def _write_signatures(job: _Publishing, plan, shards, pool: dict[str, int], written) -> None:
+    """The near-duplicate signatures of each shard's images, beside it in the pool, where
+    not there yet: a shard kept from the previous version has its table already."""
+    root = dataset_prefix(job.cfg.dataset)
+    for shard, entry in zip(plan, shards, strict=True):
+        key = signatures_key(entry.key, neardup.SIGNATURE_METHOD)
+        if key in pool:
+            continue
+        table = pa.table({"sha256": [r.image.sha256 for r in shard.members],
+                          "signature": [r.image.signature for r in shard.members]},
+                         schema=SIGNATURES_SCHEMA)  # fmt: skip
+        written.append(join_key(root, key))
+        job.dest.put_bytes(join_key(root, key), _compact_parquet(table))
+
+
+def _compact_parquet(table: pa.Table) -> bytes:
+    """Parquet with zstd: every version writes its own manifest, and at 64 px snappy's 160
+    bytes a row were 2 % of the version's size; zstd halves it (bench/prepare_pool.py)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
 
 
 def _shard_record(row: Assigned, spool: Path, encoding: str) -> ShardRecord:
@@ -699,9 +820,8 @@ def _repair_missing_shards(
     no download), rewritten from the source. A flipped byte needs `--repair`, which reads
     every shard."""
     index = load_dataset(dest, dataset, version)
-    prefix = dataset_prefix(dataset, version)
-    sizes = {info.key: info.size for info in dest.list(join_key(prefix, "shards"))}
-    damaged = [s for s in index.shards if sizes.get(join_key(prefix, s.key)) != s.bytes]
+    sizes = {info.key: info.size for info in dest.list(join_key(shards_root(index), POOL))}
+    damaged = [s for s in index.shards if sizes.get(shard_object_key(index, s)) != s.bytes]
     if not damaged:
         return []
     log.warning(
@@ -736,12 +856,11 @@ def repair(
 
 def _damaged_shards(dest: Storage, index: DatasetIndex, spool: Path, progress: bool):
     """The shards that are missing or whose bytes do not match the index (each read once)."""
-    prefix = dataset_prefix(index.dataset, index.version)
     damaged = []
     for shard in tqdm(index.shards, desc="verifying shards", unit="shard", disable=not progress):
         copy = spool / "verify.tfrecord"
         try:
-            dest.download(join_key(prefix, shard.key), copy, sha256=shard.sha256)
+            dest.download(shard_object_key(index, shard), copy, sha256=shard.sha256)
         except (ChecksumMismatchError, ObjectNotFoundError) as err:
             log.warning("shard %s: %s", shard.key, err)
             damaged.append(shard)
@@ -792,9 +911,9 @@ def _rebuild_shards(
                 "from the recorded ones (another organtrain, Pillow or TensorFlow version?)"
             )
             continue
-        dest.put_file(join_key(prefix, shard.key), rebuilt)
+        dest.put_file(shard_object_key(index, shard), rebuilt)
         rewritten.append(shard.key)
-        log.info("rewrote %s from the source", dest.url(join_key(prefix, shard.key)))
+        log.info("rewrote %s from the source", dest.url(shard_object_key(index, shard)))
     if problems:
         raise DataError(
             f"cannot repair dataset {index.dataset} version {index.version} "

@@ -18,12 +18,14 @@ import keras
 
 from organtrain.checkpoint import TrainingState
 from organtrain.data.dataset import load_dataset
+from organtrain.data.pipeline import InputPlan
+from organtrain.search.capacity import node_slots
 from organtrain.search.job import MODEL_FILE, STATE_FILE, SweepJob, trial_prefix
 from organtrain.search.space import trial_config
 from organtrain.stain import training_reference
 from organtrain.strategy import make_strategy
 from organtrain.tensorboard import EpochLog, trial_log_prefix
-from organtrain.train import compiled_model, datasets, fit, trial_settings
+from organtrain.train import compiled_model, fit, training_data, trial_settings
 
 
 def run_trial(config: dict, job: SweepJob, organ: str) -> None:
@@ -60,24 +62,39 @@ def run_trial(config: dict, job: SweepJob, organ: str) -> None:
     state.started = state.started or time.time()
     state.starts.append(state.epoch)  # a resumed trial shows where it picked up
     # The epochs still to run; epoch k's batches and dropout depend only on (seed, k).
-    train_ds, val_ds = datasets(cfg, storage, index, organ, global_batch, state.epoch)
-    logs = trial_log_prefix(trial_prefix(job.run_id, organ), tune.get_context().get_trial_id())
-    callbacks = [
-        # Before the report: Tune may end this thread inside the report of the last epoch
-        # (ASHA's max_t, a stopped trial), and nothing after it would run.
-        EpochLog(storage, logs, state.history),
-        ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ),
-    ]
-    fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch, callbacks,
-        verbose=0)  # fmt: skip
+    sharing = trials_per_node(job.cfg.resources.cpus_per_trial, job.cfg.resources.gpus_per_trial)
+    with training_data(cfg, storage, index, organ, global_batch, state.epoch,
+                       trials_per_node=sharing) as (train_ds, val_ds, plan):  # fmt: skip
+        logs = trial_log_prefix(trial_prefix(job.run_id, organ), tune.get_context().get_trial_id())
+        callbacks = [
+            # Before the report: Tune may end this thread inside the report of the last
+            # epoch (ASHA's max_t, a stopped trial), and nothing after it would run.
+            EpochLog(storage, logs, state.history),
+            ReportToTune(state, cfg.train.early_stopping_patience, replicas, organ, plan),
+        ]
+        fit(model, cfg, index, organ, global_batch, train_ds, val_ds, state.epoch, callbacks,
+            verbose=0)  # fmt: skip
+
+
+def trials_per_node(cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials this node holds side by side, so they divide its memory budget
+    (input.memory_budget_mb): its CPUs / resources.cpus_per_trial, GPUs likewise."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
+    return max(1, node_slots(resources, cpus_per_trial, gpus_per_trial))
 
 
 class ReportToTune(keras.callbacks.Callback):
     """Each epoch: metrics and a checkpoint to Tune; patience-based early stopping."""
 
-    def __init__(self, state: TrainingState, patience: int, replicas: int, organ: str):
+    def __init__(
+        self, state: TrainingState, patience: int, replicas: int, organ: str, plan: InputPlan
+    ):
         super().__init__()
         self.state, self.patience, self.replicas, self.organ = state, patience, replicas, organ
+        self.plan = plan
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         import ray
@@ -96,6 +113,10 @@ class ReportToTune(keras.callbacks.Callback):
             # Which Ray node ran this epoch (Tune adds its IP, node_ip): a trial resumed
             # elsewhere after a lost node shows both, and a misbehaving node is found.
             "node_id": ray.get_runtime_context().get_node_id(),
+            # Where its images were cached and how much the budget let it shuffle.
+            "input_cache": self.plan.cache,
+            "input_shuffle_buffer": self.plan.shuffle_buffer,
+            "input_budget_mb": round(self.plan.budget_bytes / 2**20, 1),
         }
         with tempfile.TemporaryDirectory() as folder:
             self.model.save(Path(folder, MODEL_FILE))
