@@ -7,7 +7,7 @@ comma := ,
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo demo-s3 test test-fast bench lint format clean
+.PHONY: install ray-dashboard-deps demo demo-s3 test test-fast bench lint format clean
 
 install: $(STAMP)
 
@@ -53,7 +53,29 @@ demo-s3: install
 	$(BIN)/organtrain tensorboard demo --config jobs/demo.yaml \
 	    --storage s3://$(DEMO_S3_BUCKET)/store --out demo-output/tensorboard
 
-test: install
+# Ray's dashboard (the HTTP server behind `ray job submit`), for tests/test_job_submit.py
+# only: the requirements of the installed ray's `default` extra, evaluated from its own
+# metadata, installed apart from .venv (pip --target) into RAY_DASHBOARD_DEPS, which that
+# test puts on the PYTHONPATH of the Ray cluster it starts. Installed in .venv they made
+# every other test's Ray start 2-4 s slower (every Ray start then runs the full dashboard).
+# Packages .venv already has are pinned to its versions (as constraints: name==version), so
+# the copies on that PYTHONPATH cannot differ from what ray runs with elsewhere.
+RAY_DASHBOARD_DEPS ?= build/ray-dashboard
+RAY_DASHBOARD_STAMP := $(RAY_DASHBOARD_DEPS)/.installed
+ray-dashboard-deps: $(RAY_DASHBOARD_STAMP)
+
+$(RAY_DASHBOARD_STAMP): $(STAMP)
+	rm -rf $(RAY_DASHBOARD_DEPS) && mkdir -p $(RAY_DASHBOARD_DEPS)
+	$(BIN)/python -c 'import importlib.metadata as m; from packaging.requirements import Requirement; \
+	    extra = [r for r in map(Requirement, m.requires("ray")) if r.marker \
+	             and r.marker.evaluate({"extra": "default"}) and not r.marker.evaluate({"extra": ""})]; \
+	    print("\n".join(f"{r.name}{r.specifier}" for r in extra))' > $(RAY_DASHBOARD_DEPS)/requirements.txt
+	$(BIN)/python -m pip list --format=freeze --exclude-editable > $(RAY_DASHBOARD_DEPS)/constraints.txt
+	$(BIN)/python -m pip install --quiet --target $(RAY_DASHBOARD_DEPS)/site \
+	    -r $(RAY_DASHBOARD_DEPS)/requirements.txt -c $(RAY_DASHBOARD_DEPS)/constraints.txt
+	touch $@
+
+test: install ray-dashboard-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: everything but the end-to-end sweep, nightly and SLURM

@@ -399,7 +399,7 @@ def test_k8s_cronjob():
     assert 'id="organtrain-nightly-$night"' in command and "night=$(date -u +%F)" in command
     assert f"{NIGHTLY_COMMAND} --date $night" in command
     assert 'ray job logs --address "$address" --follow "$id"' in command
-    assert "*SUCCEEDED*) exit 0" in command
+    assert "*\"Job '$id' succeeded\"*) exit 0" in command  # what `ray job status` says
     # Ray 2.60's `ray job submit` has no --wait option (it waits unless --no-wait).
     assert " --wait" not in command
     check_shell_syntax(container["command"][-1])

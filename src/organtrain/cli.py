@@ -1,26 +1,28 @@
 """The `organtrain` command line: demo, synth, prepare, leakage, train, sweep, nightly,
-predict, models, report, status, tensorboard."""
+predict, models, datasets, report, status, tensorboard."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import signal
 import sys
+import time
 
+from organtrain import console
 from organtrain.config import RunConfig, load_config
 from organtrain.errors import ConfigError, OrgantrainError
 from organtrain.signals import interrupt_on
 
-log = logging.getLogger("organtrain")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    with console.configured(args.verbose):  # quiet unless -v (organtrain.console)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         with interrupt_on(signal.SIGTERM):  # preemption, scancel: exit 130, locks released
             code = args.run(args)
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="organtrain", description=__doc__)
+    _add_verbose_arg(parser, default=0)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the whole pipeline on synthetic data, locally")
@@ -50,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64, help="pixels (square)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_verbose_arg(synth)
     synth.set_defaults(run=_run_synth)
 
     prep = commands.add_parser(
@@ -160,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
         _add_config_args(action, default=None)
         action.set_defaults(run=_run_models, action=name)
 
+    _add_datasets_parser(commands)
+
     report = commands.add_parser(
         "report", help="write runs/RUN/report.html: one self-contained page of a run's results"
     )
@@ -197,6 +203,57 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(board, default=None)
     board.set_defaults(run=_run_tensorboard)
     return parser
+
+
+def _add_datasets_parser(commands) -> None:
+    datasets = commands.add_parser(
+        "datasets",
+        help="a prepared dataset's versions, and removing old ones (gc)",
+        description="`list` shows each version of a dataset, newest first, and what keeps "
+        "it. `gc` removes the versions beyond the --keep newest (never the latest, never one "
+        "a registered model was trained on) and the pool shards no kept version lists. "
+        "Exit status: 0 done, 2 bad input, 3 a prepare of this dataset is running.",
+    )
+    actions = datasets.add_subparsers(required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="the dataset's versions, newest first")
+    gc = actions.add_parser("gc", help="remove versions not kept, and unlisted pool shards")
+    gc.add_argument("--keep", type=int, default=None,
+                    help="how many of the newest versions to keep (default 3)")  # fmt: skip
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    for action, name in ((listing, "list"), (gc, "gc")):
+        action.add_argument("--dataset", help="dataset name (default: prepare.dataset)")
+        _add_storage_arg(action)
+        _add_config_args(action, default=None)
+        action.set_defaults(run=_run_datasets, action=name)
+
+
+def _run_datasets(args) -> None:
+    from organtrain.data import retention
+
+    cfg = load_config(args.config, args.overrides)
+    storage = _storage(cfg, args.storage or cfg.storage.uri)
+    dataset = args.dataset or cfg.prepare.dataset
+    if args.action == "list":
+        versions = retention.dataset_versions(storage, dataset)
+        kept = retention.kept_versions(versions, retention.DEFAULT_KEEP)
+        for v in versions:
+            if v.index is None:
+                print(f"  {v.version}  incomplete (no dataset.json), {v.own_bytes} bytes")
+                continue
+            models = f"; models: {', '.join(v.models)}" if v.models else ""
+            print(f"{'*' if v.latest else ' '} {v.version}  {v.created_at}  {v.index.images} "
+                  f"images, {len(v.index.shards)} shards, format {v.index.format}"
+                  f"{models}{'' if v.version in kept else '; gc removes it'}")  # fmt: skip
+        return
+    keep = retention.DEFAULT_KEEP if args.keep is None else args.keep
+    result = retention.gc(storage, dataset, keep=keep, dry_run=args.dry_run)
+    verb = "would remove" if result.dry_run else "removed"
+    print(f"dataset {dataset}: {verb} {len(result.removed)} version(s) and "
+          f"{len(result.shards_removed)} pool shard(s), {result.bytes_freed} bytes")  # fmt: skip
+    for version in result.removed:
+        print(f"  {verb}: {version}")
+    for version, why in sorted(result.kept.items()):
+        print(f"  kept: {version} ({why})")
 
 
 def _add_predict_parser(commands) -> None:
@@ -321,6 +378,17 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None) -> No
         "train.epochs=5 or --set 'model.filters=[16, 32]' (quote brackets for the shell)",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_verbose_arg(parser)
+
+
+def _add_verbose_arg(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """-v on the command line before or after the command (`organtrain -v sweep` or
+    `organtrain sweep -v`); a command's own default is SUPPRESS so that it leaves a -v
+    given before it in place."""
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=default,
+        help="more detail: each stage's steps (-v); also the libraries' own logs (-vv)",
+    )  # fmt: skip
 
 
 def _run_synth(args) -> None:
@@ -333,7 +401,7 @@ def _run_synth(args) -> None:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    print(f"wrote {n} images under {args.out}")
+    print(f"synth: {n} images under {args.out}")
 
 
 def _run_prepare(args) -> None:
@@ -415,7 +483,8 @@ def _train(cfg: RunConfig, organ: str, *, run_id: str, progress: bool):
     print(
         f"{organ}: {result.model} test accuracy {result.test_accuracy:.3f}, macro F1 "
         f"{result.test_macro_f1:.3f} on {result.test_images} test images "
-        f"({result.epochs_run} epochs, best {result.best_epoch}, {result.replicas} replica(s))"
+        f"({result.epochs_run} epochs, best {result.best_epoch}, {result.replicas} replica(s); "
+        f"{console.duration(result.seconds)})"
     )
     print(f"  {result.uri}")
     return result
@@ -429,21 +498,24 @@ def _run_sweep(args) -> int:
 def _sweep(cfg: RunConfig, *, run_id: str | None, address: str | None, progress: bool) -> int:
     from organtrain.search.sweep import sweep
 
+    started = time.monotonic()
     outcome = sweep(cfg, run_id=run_id, address=address, progress=progress)
     print(f"sweep {outcome.run_id}: {len(outcome.rows) - len(outcome.failed)} of "
-          f"{len(outcome.rows)} organ(s) finished")  # fmt: skip
+          f"{len(outcome.rows)} organ(s) finished ({_since(started)})")  # fmt: skip
     for row in outcome.rows:
         if row["state"] == "done":
+            # The organ's seconds as summary.parquet and its result.json record them.
             print(
                 f"  {row['organ']}: {row['model']} test accuracy {row['test_accuracy']:.3f}, "
                 f"macro F1 {row['test_macro_f1']:.3f} on {row['test_images']} images "
-                f"(best of {row['trials']} trials, {row['trials_stopped_early']} stopped early)"
+                f"(best of {row['trials']} trials, {row['trials_stopped_early']} stopped early; "
+                f"{console.duration(row['seconds'])})"
             )
         else:
             print(f"  {row['organ']}: FAILED: {row['error']}")
     print(f"  results: {outcome.uri}")
     if outcome.report:
-        print(f"  report:  {outcome.report}")
+        print(f"report: {outcome.report}")
     return 0 if outcome.ok else 1
 
 
@@ -566,15 +638,19 @@ def _run_demo(args) -> int:
 
     cfg = _with_storage(load_config(args.config, args.overrides), args.storage)
     s = cfg.synth
-    log.info("1/3 synth: writing synthetic images under %s", s.out)
-    write_synthetic_tree(
+    started = time.monotonic()
+    images = write_synthetic_tree(
         s.out, organs=s.organs, images_per_diagnosis=s.images_per_diagnosis,
         image_size=s.image_size, seed=s.seed, progress=not args.no_progress,
     )  # fmt: skip
-    log.info("2/3 prepare: %s -> %s", cfg.prepare.source, cfg.storage.uri)
-    prepared = _prepare(cfg, progress=not args.no_progress)
-    log.info("3/3 sweep: a search per organ, %d organ(s) at once", len(prepared.organs))
+    print(f"synth: {images} images under {s.out} ({_since(started)})")
+    _prepare(cfg, progress=not args.no_progress)
     return _sweep(cfg, run_id=None, address=None, progress=not args.no_progress)
+
+
+def _since(started: float) -> str:
+    """The time since `started` (time.monotonic()), as the stage lines show it."""
+    return console.duration(time.monotonic() - started)
 
 
 def _prepare(cfg: RunConfig, *, progress: bool):
@@ -582,16 +658,18 @@ def _prepare(cfg: RunConfig, *, progress: bool):
 
     source = _storage(cfg, cfg.prepare.source, setting="prepare.source")
     dest = _storage(cfg, cfg.storage.uri)
+    started = time.monotonic()
     result = prepare(source, dest, cfg.prepare, progress=progress)
     state = "written" if result.created else "unchanged, nothing written"
     if result.repaired:
         state = f"already there; repaired {len(result.repaired)} shard(s) that were missing"
-    print(f"dataset {result.dataset} version {result.version} ({state})")
+    print(f"prepare: dataset {result.dataset} version {result.version} ({state}): "
+          f"{result.images} images in {len(result.organs)} organ(s), {result.rejected} "
+          f"file(s) rejected ({_since(started)})")  # fmt: skip
     print(f"  {result.uri}")
-    organs = len(result.organs)
-    print(f"  {result.images} images in {organs} organ(s); {result.rejected} file(s) rejected")
-    for organ, diagnoses in result.organs.items():
-        print(f"  {organ}: {', '.join(diagnoses)}")
+    if console.verbose():
+        for organ, diagnoses in result.organs.items():
+            print(f"  {organ}: {', '.join(diagnoses)}")
     for item in result.excluded:
         print(f"  left out: {item['reason']}")
     if result.split_changes:

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from organtrain.console import notice
+
 log = logging.getLogger(__name__)
 
 HEAD_MARKER = "node:__internal_head__"  # a resource only the head node has
@@ -291,7 +293,8 @@ def wait_for_room(
     from ray.autoscaler.sdk import request_resources
 
     bundle = trial_bundle(cpus, gpus)
-    log.info(
+    notice(  # the sweep waits, maybe minutes: say why without -v
+        log,
         "waiting for the Ray autoscaler: no live node has room for a trial (%s) yet; "
         "asked for %d trial(s) at once; it can add %s",
         _amounts(bundle), trials, describe_node_types(cluster) or "node types not visible here",
@@ -302,14 +305,16 @@ def wait_for_room(
         while True:
             nodes = live_nodes()
             if any(fits(node, cpus, gpus) for node in nodes):
-                log.info(
+                notice(
+                    log,
                     "the Ray cluster has room for trials after %.0f s (%s)",
                     time.monotonic() - started, describe_nodes(nodes),
                 )  # fmt: skip
                 return
             if time.monotonic() - last >= every:
                 last = time.monotonic()
-                log.info(
+                notice(
+                    log,
                     "still waiting for the Ray autoscaler (%.0f s): %s%s",
                     last - started, describe_nodes(nodes), autoscaler_activity(),
                 )  # fmt: skip

@@ -49,14 +49,34 @@ class OrganSearch:
     """The Ray actor that drives one organ's search (`search_organ`).
 
     An actor, so that the driver sees a lost controller (its process or node gone) as
-    such, says so, and starts a new one that restores the organ's search. Known limit:
-    Ray keeps the placement groups of the lost controller's trials until the sweep's job
-    ends (a group's lifetime ends when both its creating actor and job are dead), so their
-    CPUs stay reserved; on a small cluster the other trials can wait behind them (seen
-    with 9 organs on 2 CPUs, one controller SIGKILLed)."""
+    such, says so, and starts a new one that restores the organ's search. The lost
+    controller's trial placement groups would outlive it (Ray ends a group when both its
+    creating actor and job are dead, and the job is the sweep's driver): the driver
+    removes them before the new controller starts (remove_placement_groups_created_by)."""
 
     def search(self, job: SweepJob, organ: str) -> dict:
         return search_organ(job, organ)
+
+
+def remove_placement_groups_created_by(actor_id: str) -> list[str]:
+    """Run as a task on the cluster (there it also works for a driver connected through
+    Ray Client): remove every placement group that actor `actor_id` (hex) created and
+    that is not removed yet; returns their ids (hex). Ray's public placement_group_table()
+    does not say who created a group; the GCS's own table does."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if group.creator_actor_id.hex() != actor_id:
+            continue
+        if group.state == gcs_pb2.PlacementGroupTableData.REMOVED:
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+        removed.append(group.placement_group_id.hex())
+    return removed
 
 
 def search_organ(job: SweepJob, organ: str) -> dict:
@@ -66,7 +86,9 @@ def search_organ(job: SweepJob, organ: str) -> dict:
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "2"
     _keep_credentials_out_of_trial_runtime_env()
     cfg, search = job.cfg, job.cfg.search
-    started = time.monotonic()
+    # The organ's wall time starts here; evaluate_trial, maybe on another node, ends it
+    # (time.time(): the clock both can read).
+    started_at = time.time()
     trainable = tune.with_resources(
         organ_trainable(job, organ),
         {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
@@ -164,9 +186,10 @@ def search_organ(job: SweepJob, organ: str) -> dict:
         evaluate.remote(
             job, organ, identity.config, best.get_best_checkpoint(search.metric, search.mode),
             best.checkpoint, int(best.metrics.get("replicas", 1)), chosen,
+            organ_started_at=started_at,
         )
     )  # fmt: skip
-    return summary_row(job, organ, result, seconds=time.monotonic() - started)
+    return summary_row(job, organ, result)
 
 
 # The variables Ray Tune would copy into each trial's runtime_env.
@@ -330,14 +353,24 @@ def evaluate_trial(
     latest_checkpoint,
     replicas: int,
     chosen: dict,
+    organ_started_at: float | None = None,
 ) -> dict:
-    """The chosen model's one look at the test split; publishes the organ's results."""
+    """The chosen model's one look at the test split; publishes the organ's results.
+
+    result.json's `seconds` is the organ's wall time in this invocation, from the start of
+    its search (`organ_started_at`, time.time()) to its published result: the number the
+    summary and the console show too. Its `search` part says where the time went:
+    `search_seconds` (Tune's fit) and `seconds_before_evaluation` (so the evaluation took
+    seconds - seconds_before_evaluation)."""
+    # Counted from the organ's start: finish() measures `seconds` from `started`.
+    before = 0.0 if organ_started_at is None else max(0.0, time.time() - organ_started_at)
+    started = time.monotonic() - before
+    chosen = {**chosen, "seconds_before_evaluation": before}
     import keras
 
     from organtrain.checkpoint import TrainingState
     from organtrain.train import finish
 
-    started = time.monotonic()
     cfg = trial_config(job.cfg, values, source=f"chosen trial of {organ}")
     storage = job.storage()
     index = load_dataset(storage, cfg.prepare.dataset, job.dataset_version)
@@ -355,7 +388,9 @@ def evaluate_trial(
     return dataclasses.asdict(result)
 
 
-def summary_row(job: SweepJob, organ: str, result: dict, *, seconds: float) -> dict:
+def summary_row(job: SweepJob, organ: str, result: dict) -> dict:
+    """The organ's row of summary.parquet, from its result.json: the same numbers
+    (`seconds` too) whether the organ finished in this invocation or an earlier one."""
     search = result["search"]
     metrics = _test_metrics(job, organ)
     return {
@@ -374,7 +409,7 @@ def summary_row(job: SweepJob, organ: str, result: dict, *, seconds: float) -> d
         "trials": search["trials"],
         "trials_stopped_early": search["trials_stopped_early"],
         "trials_errored": search["trials_errored"],
-        "seconds": seconds,
+        "seconds": result["seconds"],
         "error": None,
     }
 

@@ -18,12 +18,14 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from organtrain.config import RunConfig
+from organtrain.console import notice
 from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import ConfigError, OrgantrainError
@@ -111,10 +113,10 @@ def _sweep_planned(
             from organtrain.search.organ import summary_row
 
             result = json.loads(storage.get_bytes(key))
-            rows[organ] = summary_row(job, organ, result, seconds=result["seconds"])
+            rows[organ] = summary_row(job, organ, result)
     todo = [organ for organ in organs if organ not in rows]
     if rows:
-        log.info("already finished in run %s: %s", run_id, ", ".join(sorted(rows)))
+        notice(log, "already finished in run %s: %s", run_id, ", ".join(sorted(rows)))
     watcher = _Watcher(storage, job, organs, rows, progress)
     if todo:
         _connect(address or cfg.resources.address, cfg)
@@ -188,6 +190,7 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
                                 "again (%d of %d), the search resumes where it was saved",
                                 organ, _first_line(err), attempt + 1, ORGAN_RETRIES,
                             )  # fmt: skip
+                            _free_lost_controllers_groups(organ, actor)
                             start(organ, attempt + 1)
                             continue
                         rows[organ] = _failed_row(job, organ, err)
@@ -203,6 +206,39 @@ def _run_searches(job: SweepJob, todo: list[str], rows: dict, watcher: _Watcher)
         for _, actor, _ in running.values():
             ray.kill(actor)
         raise
+
+
+def _free_lost_controllers_groups(organ: str, actor) -> None:
+    """Remove the placement groups a lost controller created for its trials.
+
+    Ray ends a placement group once both the actor and the job that created it are dead:
+    a lost controller's groups stay while this driver (their job) lives, holding CPUs and
+    GPUs for trials that are gone, and the controller started again waits behind them
+    (for ever where they hold all the cluster has: one organ on a 1-CPU node)."""
+    import ray
+
+    # From organ.py, which workers import without TensorFlow (this module imports it).
+    from organtrain.search.organ import remove_placement_groups_created_by
+
+    free = ray.remote(remove_placement_groups_created_by).options(num_cpus=0, max_retries=3)
+    try:
+        removed = ray.get(free.remote(actor._actor_id.hex()), timeout=120)
+    except Exception as err:  # the retry may still go ahead: only slower where they block it
+        log.warning(
+            "%s: the placement groups of its lost controller could not be removed (%s: %s); "
+            "their resources stay reserved until this sweep ends",
+            organ, type(err).__name__, _first_line(err),
+        )  # fmt: skip
+        return
+    notice(log, "%s: removed %d placement group(s) of its lost controller: %s",
+           organ, len(removed), ", ".join(removed) or "none left")  # fmt: skip
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _first_line(err: Exception) -> str:
@@ -230,7 +266,8 @@ def _fair_share(job: SweepJob, organs: int) -> SweepJob:
     slots = capacity.slots_at_most(cluster, r.cpus_per_trial, r.gpus_per_trial)
     share = capacity.share_per_organ(slots, organs)
     if cluster.growable:
-        log.info(
+        notice(
+            log,
             "the Ray cluster can grow (%s: %s): %s",
             cluster.source, capacity.describe_node_types(cluster) or "node types not visible",
             "no limit known, so no cap on trials per organ" if share is None else
@@ -351,10 +388,10 @@ def _connect(address: str | None, cfg: RunConfig) -> None:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if address:
-            log.info("connecting to the Ray cluster at %s", address)
+            notice(log, "connecting to the Ray cluster at %s", address)
             ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
         else:
-            log.info("starting a local Ray (set RAY_ADDRESS or --address to use a cluster)")
+            notice(log, "starting a local Ray (set RAY_ADDRESS or --address to use a cluster)")
             ray.init(
                 num_cpus=cfg.resources.local_cpus, include_dashboard=False,
                 runtime_env={"env_vars": env}, **quiet,
@@ -426,7 +463,8 @@ def _now() -> str:
 
 
 class _Watcher:
-    """Merges the organs' progress files into status.json and prints what changed."""
+    """Merges the organs' progress files into status.json and shows what changed: with -v
+    a line per organ when its picture changes, else one progress bar of all trials."""
 
     def __init__(self, storage: Storage, job: SweepJob, organs: list[str], rows: dict, show):
         self.storage, self.job, self.organs, self.rows, self.show = storage, job, organs, rows, show
@@ -434,6 +472,7 @@ class _Watcher:
         self.printed: dict[str, tuple] = {}
         self.last_printed: dict[str, float] = {}
         self.last_status = 0.0
+        self.bar = None  # tqdm, made at the first poll
 
     def poll(self) -> None:
         for organ in self.organs:
@@ -445,8 +484,36 @@ class _Watcher:
             except OrgantrainError:
                 continue  # not written yet
             self._print(organ)
+        self._update_bar()
         if time.monotonic() - self.last_status >= 5.0:
             self.write_status("running")
+
+    def _update_bar(self) -> None:
+        """Trials finished of all the run's trials (samples x grid points per organ), and
+        organs done; an organ finished earlier counts as all its trials."""
+        if not self.show or log.isEnabledFor(logging.INFO):
+            return  # no bars (--no-progress), or the per-organ lines of -v instead
+        if self.bar is None:
+            from tqdm import tqdm
+
+            total = sum(_trials_per_organ(self.job.cfg, organ) for organ in self.organs)
+            # Into a file (a SLURM log) every redraw is kept: one a minute is enough there.
+            every = 0.1 if _is_terminal(sys.stderr) else 60.0
+            self.bar = tqdm(total=total, desc="sweep", unit="trial", mininterval=every, miniters=0)
+        finished = 0
+        for organ in self.organs:
+            if organ in self.rows:
+                finished += _trials_per_organ(self.job.cfg, organ)
+            else:
+                t = self.progress.get(organ, {}).get("trials") or {}
+                finished += t.get("terminated", 0) + t.get("error", 0)
+        self.bar.set_postfix_str(f"{len(self.rows)}/{len(self.organs)} organs done", False)
+        self.bar.update(min(finished, self.bar.total) - self.bar.n)  # redrawn every mininterval
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def organ_finished(self, organ: str) -> None:
         row = self.rows[organ]
@@ -458,6 +525,7 @@ class _Watcher:
                 row["test_macro_f1"], row["test_images"], row["trials"],
                 row["trials_stopped_early"], row["trials_errored"],
             )  # fmt: skip
+        self._update_bar()
         self.write_status("running")
 
     def _print(self, organ: str) -> None:
@@ -482,6 +550,8 @@ class _Watcher:
         )  # fmt: skip
 
     def write_status(self, state: str) -> None:
+        if state != "running":  # finished, failed or interrupted: the bar's last picture
+            self._close_bar()
         self.last_status = time.monotonic()
         organs = {}
         for organ in self.organs:
