@@ -191,6 +191,18 @@ def _wait_until_tune_recorded_checkpoints(
         time.sleep(0.2)
 
 
+def _wait_for_line(logs: Path, job_id: str, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(
+        text in path.read_text(errors="replace") for path in logs.glob(f"*-{job_id}.out")
+    ):
+        state = _job(job_id)["JobState"]
+        if state in FINISHED or time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], check=False)
+            pytest.fail(f"no {text!r} in job {job_id}'s log while it ran ({state})")
+        time.sleep(0.5)
+
+
 def _log(logs: Path, job_id: str) -> str:
     (path,) = logs.glob(f"*-{job_id}.out")
     return path.read_text()
@@ -435,7 +447,11 @@ def test_ray_sweep_preempted_is_requeued_resumes_and_finishes(job_file, tmp_path
     recorded = _wait_until_tune_recorded_checkpoints(run, organs, job_id, timeout=120)
     trials_before = _trial_dirs(run)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-    # The second run, once it has recorded later checkpoints: preempted.
+    # The second run, once it has recorded later checkpoints: preempted. Counted from what
+    # the second run starts with: the first may still record one while it stops, and a
+    # preemption before the second run trains (seen in CI) tests nothing of the resume.
+    _wait_for_line(logs, job_id, "restart=1] Ray is up", timeout=300)
+    recorded = {organ: _recorded_checkpoint(run, organ) for organ in organs}
     _wait_until_tune_recorded_checkpoints(run, organs, job_id, timeout=300, after=recorded)
     _preempt(job_id, logs)
     info = _wait(job_id, timeout=420)
