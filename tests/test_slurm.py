@@ -161,14 +161,28 @@ def _wait_for(path_glob: str, root: Path, job_id: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-_RECORDED = re.compile(r"checkpoint_dir_name\W+checkpoint_(\d{6})")
-
-
 def _recorded_checkpoint(run: Path, organ: str) -> int:
-    """The latest checkpoint an organ's Tune experiment state (what a resumed sweep
-    restores) names; -1 for none."""
-    states = (run / "tune" / organ).glob("experiment_state-*.json")
-    found = [int(n) for path in states for n in _RECORDED.findall(path.read_text(errors="replace"))]
+    """The number of the latest checkpoint that a resumed sweep would restore the organ's
+    trial from (its Tune checkpoint manager's, in the newest experiment state); -1 for none.
+
+    Not the `checkpoint_dir_name` of the trial's last result, which the same state file
+    holds in plain text: Tune records a result before it registers the result's checkpoint,
+    and a preemption in between resumes from the checkpoint before (seen in CI)."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    states = sorted((run / "tune" / organ).glob("experiment_state-*.json"))
+    if not states:
+        return -1
+    try:  # the newest, as Tune's own restore chooses; it may be mid-write
+        state = json.loads(states[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return -1
+    found = []
+    for _, run_metadata in state["trial_data"]:
+        manager = _TrainingRunMetadata.from_json_state(run_metadata).checkpoint_manager
+        latest = manager and manager.latest_checkpoint_result
+        if latest and latest.checkpoint:
+            found.append(int(Path(latest.checkpoint.path).name.removeprefix("checkpoint_")))
     return max(found, default=-1)
 
 
