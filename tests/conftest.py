@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from seaweedfs import ACCESS_KEY, SECRET_KEY, find_weed, start_seaweedfs
+from tinyrun import TINY_ORGANS, copy_tiny_run, make_tiny_run
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -71,3 +72,19 @@ def _bucket(seaweedfs) -> str:
 def s3_uri(_bucket, s3_env) -> str:
     """s3://bucket/prefix, empty and unique to the test (buckets are costly in SeaweedFS)."""
     return f"s3://{_bucket}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def _tiny_run_template(tmp_path_factory) -> Path:
+    """One real tiny `train` run of TINY_ORGANS for the whole session (tinyrun.py)."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    make_tiny_run(root, TINY_ORGANS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_run(_tiny_run_template, tmp_path_factory):
+    """(root, storage) of the module's own copy of the session's tiny run: the module may
+    add runs, reports and models to it without another module seeing them."""
+    root = tmp_path_factory.mktemp("tiny-copy")
+    return root, copy_tiny_run(_tiny_run_template, root)

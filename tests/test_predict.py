@@ -15,7 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from tinyrun import RUN_ID, make_tiny_run
+from tinyrun import RUN_ID, TINY_ORGANS
 
 from organtrain import registry
 from organtrain.cli import main
@@ -26,17 +26,15 @@ from organtrain.predict import PREDICTIONS, REJECTED, SUMMARY, predict
 from organtrain.search.sweep import sweep
 from organtrain.storage import LocalStorage, open_storage
 
-ORGANS = {"lung": ["adenocarcinoma", "benign"], "colon": ["adenocarcinoma", "benign"]}
+ORGANS = TINY_ORGANS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.slow  # every test here stands on a real training run
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict")
-    storage = make_tiny_run(root, ORGANS)
-    return root, storage
+def tiny(tiny_run):
+    return tiny_run  # (root, storage) of this module's copy of the session's tiny run
 
 
 def _table(where, name):

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
-from tinyrun import RUN_ID, make_tiny_run
+from tinyrun import RUN_ID, TINY_ORGANS
 
 from organtrain.data.dataset import DatasetIndex, OrganIndex, load_dataset
 from organtrain.data.manifest import parquet_bytes, read_parquet
@@ -25,7 +25,7 @@ from organtrain.storage import LocalStorage
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-ORGANS = {"lung": ["adenocarcinoma", "benign"], "colon": ["adenocarcinoma", "benign"]}
+ORGANS = TINY_ORGANS
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -39,10 +39,10 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> LocalStorage:
+def store(tiny_run) -> LocalStorage:
     """A finished `organtrain demo` run of two organs (run id "tiny"), and a sweep-shaped
     run ("sweep") made from it: lung done with trials, colon failed."""
-    storage = make_tiny_run(tmp_path_factory.mktemp("report"), ORGANS)
+    _, storage = tiny_run
     _sweep_from(storage)
     return storage
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pytest
-from tinyrun import RUN_ID, make_tiny_run
+from tinyrun import RUN_ID
 
 from organtrain.data.manifest import parquet_bytes, read_parquet
 from organtrain.errors import OrgantrainError
@@ -144,11 +144,11 @@ def test_train_in_progress_from_its_checkpoint(tmp_path):
     assert _rows(text)["lung"][:4] == ["training (or interrupted: re-run to resume)", "—", "3", "2"]
 
 
-def test_real_train_run(tmp_path):
-    store = make_tiny_run(tmp_path, {"lung": ["adenocarcinoma", "benign"]})
+def test_real_train_run(tiny_run):
+    _, store = tiny_run
     result = json.loads(store.get_bytes(f"runs/{RUN_ID}/lung/result.json"))
     text = render_status(store, RUN_ID)
-    assert text.startswith(f"run {RUN_ID}: 1 of 1 organ(s) finished (organtrain train run")
+    assert text.startswith(f"run {RUN_ID}: 2 of 2 organ(s) finished (organtrain train run")
     row = _rows(text)["lung"]
     assert row[:4] == ["done", "simple_cnn", "1", "1"]
     assert row[4] == f"{result['test_accuracy']:.3f}" and row[8] == str(result["test_images"])

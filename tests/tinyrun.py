@@ -3,11 +3,14 @@ back (the report, the status table): synthetic images → prepare → train each
 this process (the same calls `organtrain demo` used to make before it became a sweep;
 a real sweep takes minutes on two cores, too slow to share here).
 
-The run id is "tiny"; results land in <root>/store/runs/tiny/<organ>/.
+The run id is "tiny"; results land in <root>/store/runs/tiny/<organ>/. The `tiny_run`
+fixture (conftest.py) trains one such run of TINY_ORGANS per test session and gives each
+module a copy of its own.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
@@ -19,6 +22,7 @@ from organtrain.storage import LocalStorage
 from organtrain.train import train_organ
 
 RUN_ID = "tiny"
+TINY_ORGANS = {"lung": ["adenocarcinoma", "benign"], "colon": ["adenocarcinoma", "benign"]}
 
 
 def tiny_job(root: Path, organs: dict[str, list[str]]) -> dict:
@@ -56,6 +60,15 @@ def make_tiny_run(root: Path, organs: dict[str, list[str]]) -> LocalStorage:
     for organ in organs:
         train_organ(cfg, storage, organ, run_id=RUN_ID, verbose=0)
     return storage
+
+
+def copy_tiny_run(template: Path, root: Path) -> LocalStorage:
+    """A copy of the tiny run made under `template` (images, store, job file) at `root`,
+    its job file pointing at the copy; returns the copy's storage."""
+    shutil.copytree(template, root, dirs_exist_ok=True)
+    job = root / "tiny.yaml"
+    job.write_text(job.read_text().replace(str(template), str(root)))
+    return LocalStorage(root / "store")
 
 
 def write_many_organs(out: Path, names: list[str], *, images_per_diagnosis: int = 24) -> None:
