@@ -4,6 +4,7 @@ predict, models, datasets, report, status, tensorboard."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -77,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         "rewrite the missing or damaged ones from the source",
     )  # fmt: skip
     prep.add_argument("--version", help="with --repair: the version (default: the latest)")
+    prep.add_argument(
+        "--address",
+        help="Ray cluster address: check the images and write the shards in Ray tasks on the "
+        "cluster's nodes; the source and the destination must be storage every node reaches "
+        "(s3:// or a folder shared at the same path). Default: resources.address, else "
+        "RAY_ADDRESS, else threads on this machine (prepare.workers)",
+    )  # fmt: skip
     prep.add_argument(
         "--rehash", action="store_true",
         help="read, hash and decode every source file again, instead of reusing what the "
@@ -414,12 +422,15 @@ def _run_prepare(args) -> None:
         raise ConfigError("--rehash is for a new version; --repair reads every shard anyway")
     if args.rehash:
         cfg = dataclasses.replace(cfg, prepare=dataclasses.replace(cfg.prepare, rehash=True))
+    if args.repair and args.address:
+        raise ConfigError("--repair runs on this machine; leave out --address")
     if args.repair:
         _repair(cfg, version=args.version, progress=not args.no_progress)
     elif args.version:
         raise ConfigError("--version names the version to --repair; add --repair")
     else:
-        _prepare(cfg, progress=not args.no_progress)
+        address = args.address or cfg.resources.address or os.environ.get("RAY_ADDRESS")
+        _prepare(cfg, progress=not args.no_progress, address=address)
 
 
 def _repair(cfg: RunConfig, *, version: str | None, progress: bool) -> None:
@@ -653,13 +664,15 @@ def _since(started: float) -> str:
     return console.duration(time.monotonic() - started)
 
 
-def _prepare(cfg: RunConfig, *, progress: bool):
+def _prepare(cfg: RunConfig, *, progress: bool, address: str | None = None):
+    """`address`: check images and write shards in Ray tasks on that cluster."""
     from organtrain.data.prepare import prepare
 
     source = _storage(cfg, cfg.prepare.source, setting="prepare.source")
     dest = _storage(cfg, cfg.storage.uri)
     started = time.monotonic()
-    result = prepare(source, dest, cfg.prepare, progress=progress)
+    with _ray_executor(cfg, address) as executor:
+        result = prepare(source, dest, cfg.prepare, progress=progress, executor=executor)
     state = "written" if result.created else "unchanged, nothing written"
     if result.repaired:
         state = f"already there; repaired {len(result.repaired)} shard(s) that were missing"
@@ -667,6 +680,9 @@ def _prepare(cfg: RunConfig, *, progress: bool):
           f"{result.images} images in {len(result.organs)} organ(s), {result.rejected} "
           f"file(s) rejected ({_since(started)})")  # fmt: skip
     print(f"  {result.uri}")
+    if result.tasks_per_node:
+        print(f"  {sum(result.tasks_per_node.values())} Ray task(s) on "
+              f"{len(result.tasks_per_node)} node(s)")  # fmt: skip
     if console.verbose():
         for organ, diagnoses in result.organs.items():
             print(f"  {organ}: {', '.join(diagnoses)}")
@@ -680,6 +696,27 @@ def _prepare(cfg: RunConfig, *, progress: bool):
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(result.rejected_reasons.items()))
         print(f"  rejected: {reasons}; rejected.parquet in the version folder lists each file")
     return result
+
+
+@contextlib.contextmanager
+def _ray_executor(cfg: RunConfig, address: str | None):
+    """RayTasks on the cluster at `address` (None: no executor, prepare's threads); Ray is
+    disconnected afterwards if this call connected it."""
+    if not address:
+        yield None
+        return
+    import ray
+
+    from organtrain.data.executors import RayTasks
+    from organtrain.search.sweep import _connect
+
+    connected_here = not ray.is_initialized()
+    _connect(address, cfg)
+    try:
+        yield RayTasks()
+    finally:
+        if connected_here:
+            ray.shutdown()
 
 
 if __name__ == "__main__":

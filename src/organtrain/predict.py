@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from organtrain.data.images import SUPPORTED_EXTENSIONS, ImageRejected, decode_rgb
 from organtrain.errors import ConfigError, DataError, ObjectNotFoundError, OrgantrainError
-from organtrain.storage import Storage, join_key, open_storage
+from organtrain.storage import Storage, join_key, open_storage, reopen_args
 from organtrain.storage.lock import LockHeld, StorageLock
 
 log = logging.getLogger(__name__)
@@ -589,7 +589,7 @@ def _classify_on_ray(
         options, fit = {"num_cpus": 1}, max(int(total.get("CPU", 1)), 1)
     n = max(1, min(workers or fit, fit, len(todo)))
     actor = ray.remote(**options)(_RayClassifier)
-    where = (_reopenable(models), _reopenable(source))
+    where = (reopen_args(models), reopen_args(source))
     pool = ActorPool([actor.remote(*where, batch_images) for _ in range(n)])
     log.info(
         "classifying %d chunk(s) on %d Ray actor(s)%s",
@@ -607,19 +607,6 @@ def _classify_on_ray(
         if on_chunk is not None:
             on_chunk(chunk)
     return n
-
-
-def _reopenable(storage: Storage) -> dict:
-    """What opens `storage` again on another node: a boto3 client does not pickle, and
-    credentials must come from each node's own chain, never travel with the task."""
-    client = getattr(storage, "client", None)
-    if client is None:
-        return {"uri": storage.uri}
-    return {
-        "uri": storage.uri,
-        "endpoint_url": client.meta.endpoint_url,
-        "region": client.meta.region_name,
-    }
 
 
 class _RayClassifier:

@@ -40,17 +40,16 @@ import logging
 import os
 import tempfile
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from organtrain.config import PrepareConfig
-from organtrain.data import incremental, neardup
+from organtrain.data import incremental, neardup, work
 from organtrain.data.assign import Assigned, CheckedImage, PreviousSplits, assign
 from organtrain.data.dataset import (
     FORMAT,
@@ -70,8 +69,9 @@ from organtrain.data.dataset import (
     shards_root,
     signatures_key,
 )
+from organtrain.data.executors import RayTasks, Reachable, Threads
 from organtrain.data.groups import apply_group_table, load_group_table
-from organtrain.data.images import ImageRejected, normalise_image
+from organtrain.data.images import normalise_image
 from organtrain.data.incremental import KnownFiles
 from organtrain.data.leakage import LeakageReport, check_leakage
 from organtrain.data.manifest import (
@@ -85,7 +85,6 @@ from organtrain.data.shards import (
     ExistingShard,
     ShardRecord,
     plan_split,
-    pool_shard_key,
     write_shard,
 )
 from organtrain.errors import ChecksumMismatchError, DataError, ObjectNotFoundError
@@ -130,6 +129,12 @@ class PrepareResult:
     # Shards of an existing version that were missing (or of the wrong size) and were
     # rewritten from the source by this run.
     repaired: list[str] = field(default_factory=list)
+    # With --address: the Ray tasks (checking a batch, writing a shard) each node ran, by
+    # Ray node id; empty when the work ran in this process's threads.
+    tasks_per_node: dict[str, int] = field(default_factory=dict)
+
+
+Executor = Threads | RayTasks
 
 
 @dataclass(frozen=True)
@@ -163,16 +168,28 @@ class Listing:
 
 
 def prepare(
-    source: Storage, dest: Storage, cfg: PrepareConfig, *, progress: bool = True
+    source: Storage,
+    dest: Storage,
+    cfg: PrepareConfig,
+    *,
+    progress: bool = True,
+    executor: Executor | None = None,
 ) -> PrepareResult:
+    """`executor`: where checking images and writing shards run (executors.py): this
+    process's prepare.workers threads by default, or RayTasks on the cluster this process
+    is connected to. This process lists, splits, checks for leakage and publishes either
+    way, under the dataset's lock; the result is the same."""
+    executor = executor or Threads(cfg.workers)
     # Touch the destination first: a missing bucket or bad credentials should fail now,
     # not after every image has been decoded.
     next(iter(dest.list(dataset_prefix(cfg.dataset))), None)
     with dataset_lock(dest, cfg.dataset):
-        return _prepare_locked(source, dest, cfg, progress)
+        result = _prepare_locked(source, dest, cfg, progress, executor)
+    return dataclasses.replace(result, tasks_per_node=dict(executor.nodes))
 
 
-def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress: bool):
+def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress: bool,
+                    executor: Executor):  # fmt: skip
     listing = _list_source(source, cfg)
     unchanged = None if cfg.rehash else _unchanged_version(dest, cfg, listing.digest)
     if unchanged is not None:
@@ -188,7 +205,7 @@ def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="organtrain-prepare-") as spool:
         checked, bad = _checked_images(source, listing.candidates, known, cfg, Path(spool),
-                                       progress)  # fmt: skip
+                                       progress, executor)  # fmt: skip
         assignment = assign(
             checked,
             test_fraction=cfg.test_fraction,
@@ -222,7 +239,7 @@ def _prepare_locked(source: Storage, dest: Storage, cfg: PrepareConfig, progress
         )
         if result.created:
             job = _Publishing(source, dest, cfg, version, Path(spool), progress, known,
-                              {c.key: c.tag for c in listing.candidates})  # fmt: skip
+                              {c.key: c.tag for c in listing.candidates}, executor)  # fmt: skip
             _publish(job, assignment, rejected, changes, previous)
         else:
             repaired = _repair_missing_shards(source, dest, cfg.dataset, version, Path(spool))
@@ -377,60 +394,46 @@ def _rule_change(old: dict | None, new: dict) -> str:
     return ", ".join(changed)
 
 
-def _checked_images(source, candidates, known: KnownFiles | None, cfg, spool, progress):
+def _checked_images(source, candidates, known: KnownFiles | None, cfg, spool, progress,
+                    executor):  # fmt: skip
     """Every candidate checked, in key order: from what the previous version learnt about
     its file when the file is unchanged, else by reading it (_check_images)."""
     if known is None:
-        return _check_images(source, candidates, cfg, spool, progress)
+        return _check_images(source, candidates, cfg, spool, progress, executor)
     reused, reused_bad, to_read = known.sort(candidates, cfg.near_duplicates)
     log.info(
         "%d of %d file(s) unchanged since version %s: not read again; reading %d",
         len(reused) + len(reused_bad), len(candidates), known.version, len(to_read),
     )  # fmt: skip
-    checked, bad = _check_images(source, to_read, cfg, spool, progress)
+    checked, bad = _check_images(source, to_read, cfg, spool, progress, executor)
     # Key order, as a cold prepare lists them, so what follows cannot tell the difference.
     checked = sorted(checked + reused, key=lambda c: c.key)
     return checked, sorted(bad + reused_bad, key=lambda r: r.key)
 
 
-def _check_images(source, candidates, cfg, spool: Path, progress: bool):
-    """Read, hash, decode and re-encode every candidate, in parallel threads.
+def _check_images(source, candidates, cfg, spool: Path, progress: bool, executor: Executor):
+    """Read, hash, decode and re-encode every candidate, in batches (work.check_batch) on
+    the executor: threads here, or Ray tasks on a cluster's nodes.
 
     The re-encoded image is kept in the local spool (named by content hash) so the
     source is read only once even when it is in object storage.
     """
+    batches = work.batches(candidates, executor.cpus())
+    outcomes: list[list] = [[] for _ in batches]
+    with tqdm(total=len(candidates), desc="checking images", unit="img",
+              disable=not progress) as bar:  # fmt: skip
 
-    def check(candidate: Candidate) -> CheckedImage | Rejection:
-        data = source.get_bytes(candidate.key)
-        sha = sha256_bytes(data)
-        try:
-            image = normalise_image(
-                data,
-                max_side=cfg.max_image_side,
-                encoding=cfg.encoding,
-                jpeg_quality=cfg.jpeg_quality,
-            )
-        except ImageRejected as err:
-            return Rejection(
-                candidate.key, err.reason, err.detail, candidate.organ, candidate.diagnosis,
-                len(data), candidate.tag,
-            )  # fmt: skip
-        _spool_write(spool / sha, image.encoded)
-        return CheckedImage(
-            candidate.key, candidate.organ, candidate.diagnosis, sha,
-            image.width, image.height, image.mode, len(data),
-            image.encoded_width, image.encoded_height, candidate.group,
-            neardup.signature(np.asarray(image.rgb)) if cfg.near_duplicates else b"",
-            candidate.metadata,
-        )  # fmt: skip
+        def collect(i: int, results: list) -> None:
+            for outcome in results:
+                if isinstance(outcome, work.Checked):
+                    _spool_write(spool / outcome.image.sha256, outcome.encoded)
+            outcomes[i] = [o.image if isinstance(o, work.Checked) else o for o in results]
+            bar.update(len(results))
 
+        executor.run(work.check_batch, (Reachable(source, "source"), cfg), batches, collect)
     checked, rejected = [], []
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        results = pool.map(check, candidates)
-        for outcome in tqdm(
-            results, total=len(candidates), desc="checking images", unit="img", disable=not progress
-        ):
-            (checked if isinstance(outcome, CheckedImage) else rejected).append(outcome)
+    for outcome in (o for batch in outcomes for o in batch):  # in the candidates' order
+        (checked if isinstance(outcome, CheckedImage) else rejected).append(outcome)
     log.info("%d images decoded cleanly, %d rejected", len(checked), len(rejected))
     return checked, rejected
 
@@ -513,6 +516,7 @@ class _Publishing:
     progress: bool
     known: KnownFiles | None  # what the previous version knows of unchanged files
     tags: dict[str, str | None]  # source key -> listing tag
+    executor: Executor  # where the new shards are written
 
 
 @dataclass(frozen=True)
@@ -684,45 +688,62 @@ def _shareable_shards(cfg: PrepareConfig, previous, pool: dict[str, int]):
 
 
 def _write_shards(job: _Publishing, plan: list[_Shard], written: list):
-    """Write the planned shards that are new into the pool, named by their sha256 (one
-    already there from an interrupted run is not uploaded again); the keys it uploads are
-    added to `written`. Returns (organ, sha256) -> shard key, and the version's entries."""
+    """Write the planned shards that are new into the pool, named by their sha256
+    (work.write_one_shard, one shard a batch, on the executor; one already there from an
+    interrupted run is not uploaded again); the keys it uploads are added to `written`.
+    Returns (organ, sha256) -> shard key, and the version's entries."""
     pool_prefix = dataset_prefix(job.cfg.dataset)
     pool = job.dest.sub(pool_prefix)
+    new = [i for i, shard in enumerate(plan) if shard.reuse is None]
+    shards = [shard.reuse for shard in plan]
+    with tqdm(total=len(new), desc=f"writing {len(new)} shards", unit="shard",
+              disable=not job.progress) as bar:  # fmt: skip
 
-    def write(shard: _Shard) -> ShardEntry:
-        if shard.reuse is not None:
-            return shard.reuse
-        with tempfile.NamedTemporaryFile(dir=job.spool, suffix=".tfrecord") as tmp:
-            records = (_shard_record(r, job.spool, job.cfg.encoding) for r in shard.members)
-            n = write_shard(tmp.name, records)
-            digest = sha256_file(tmp.name)
-            key = pool_shard_key(shard.organ, shard.split, digest)
-            if pool.checksum(key) != digest:  # else published by an interrupted earlier run
-                pool.put_file(key, tmp.name)
-                written.append(join_key(pool_prefix, key))
-            return ShardEntry(key, shard.organ, shard.split, n, os.path.getsize(tmp.name), digest)
+        def collect(i: int, out: work.WrittenShard) -> None:
+            shard = plan[new[i]]
+            if out.uploaded:
+                written.append(join_key(pool_prefix, out.key))
+            shards[new[i]] = ShardEntry(out.key, shard.organ, shard.split, out.images, out.bytes,
+                                        out.sha256)  # fmt: skip
+            bar.update()
 
-    new = sum(shard.reuse is None for shard in plan)
-    with ThreadPoolExecutor(min(job.cfg.workers, 4)) as threads:
-        futures = [threads.submit(write, shard) for shard in plan]
-        try:
-            shards = [
-                f.result()
-                for f in tqdm(
-                    futures, desc=f"writing {new} shards", unit="shard", disable=not job.progress
-                )
-            ]
-        except BaseException:
-            for f in futures:  # a full disk fails every shard after it: do not start them
-                f.cancel()
-            raise
+        # The lock proves that a node's folder is the one this prepare writes to.
+        target = Reachable(pool, "destination", holds=LOCK)
+        batches = _LazyList([plan[i] for i in new], lambda shard: _shard_to_write(job, shard))
+        job.executor.run(work.write_one_shard, (target,), batches, collect, at_most=4)
     shard_of = {
         (r.image.organ, r.image.sha256): entry.key
         for shard, entry in zip(plan, shards, strict=True)
         for r in shard.members
     }
     return shard_of, shards
+
+
+class _LazyList(Sequence):
+    """`make(item)` for each of `items`, made when asked for (executors.RayTasks asks for a
+    batch when it sends it)."""
+
+    def __init__(self, items: list, make):
+        self.items, self.make = items, make
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.make(self.items[i])
+
+
+def _shard_to_write(job: _Publishing, shard: _Shard) -> work.ShardToWrite:
+    """A new shard's batch: its images from the spool, or carried with it to a node that
+    does not share this machine's disk."""
+    records = [_shard_record(r, job.cfg.encoding) for r in shard.members]
+    if job.executor.shares_disk:
+        images, scratch = work.SpoolImages(str(job.spool)), str(job.spool)
+    else:
+        images = work.PackedImages({r.sha256: (job.spool / r.sha256).read_bytes()
+                                    for r in records})  # fmt: skip
+        scratch = None
+    return work.ShardToWrite(shard.organ, shard.split, records, images, scratch)
 
 
 def _write_signatures(job: _Publishing, plan, shards, pool: dict[str, int], written) -> None:
@@ -748,9 +769,10 @@ def _compact_parquet(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _shard_record(row: Assigned, spool: Path, encoding: str) -> ShardRecord:
+def _shard_record(row: Assigned, encoding: str) -> ShardRecord:
+    """The record of `row`, without its image (work.ShardToWrite adds it when writing)."""
     return ShardRecord(
-        encoded=(spool / row.image.sha256).read_bytes(),
+        encoded=b"",
         image_format=encoding,
         height=row.image.encoded_height,
         width=row.image.encoded_width,

@@ -24,6 +24,7 @@ __all__ = [
     "join_key",
     "key_part_problem",
     "open_storage",
+    "reopen_args",
     "sha256_bytes",
     "sha256_file",
     "validate_key",
@@ -51,3 +52,17 @@ def open_storage(
             f"{text!r}: unsupported storage scheme; use a local path or s3://bucket/prefix"
         )
     return LocalStorage(text)
+
+
+def reopen_args(storage: Storage) -> dict:
+    """The arguments of open_storage that open `storage` again on another node (a Ray
+    task): a boto3 client does not pickle, and credentials must come from each node's own
+    chain, never travel with the task."""
+    client = getattr(storage, "client", None)
+    if client is None:
+        return {"uri": storage.uri}
+    return {
+        "uri": storage.uri,
+        "endpoint_url": client.meta.endpoint_url,
+        "region": client.meta.region_name,
+    }
