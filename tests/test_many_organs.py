@@ -1,5 +1,10 @@
-"""Nine organs searched at once on one local Ray, one trial worker killed mid-search
-(issue 18): no trial errors, and every row of every trials table is the trial's own."""
+"""Many organs searched at once on one local Ray, one trial worker killed mid-search
+(issue 18): no trial errors, and every row of every trials table is the trial's own.
+
+Six organs of two trials each share two CPUs: three times more organs than trial slots,
+so organs wait for slots and trial workers are handed from organ to organ, which is
+what crossed their records. Nine (the issue's count) gave more of the same contention
+for 40 s more of CI."""
 
 import itertools
 import json
@@ -20,9 +25,9 @@ from organtrain.cli import main
 from organtrain.data.manifest import read_parquet
 from organtrain.storage import LocalStorage
 
-pytestmark = pytest.mark.slow  # nine organs' searches on two cores: ~3 minutes
+pytestmark = pytest.mark.slow  # six organs' searches on two cores: ~1.5 minutes
 
-ORGANS = [f"organ{i}" for i in range(9)]
+ORGANS = [f"organ{i}" for i in range(6)]
 # A trial's working folder (Tune moves each trial worker into it) is named after the
 # trial: train_<organ>_<trial id>_<index>_<values>_<date>.
 TRIAL_FOLDER = re.compile(r"^train_(?P<organ>organ\d)_(?P<trial_id>[0-9a-f]+_\d{5})_")
@@ -89,7 +94,7 @@ def own_reports(store: LocalStorage, organ: str) -> dict[str, list[dict]]:
     return reports
 
 
-def test_nine_organs_at_once_and_a_killed_worker(job):
+def test_many_organs_at_once_and_a_killed_worker(job):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     killer = TrialKiller()
     killer.start()

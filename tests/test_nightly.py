@@ -112,18 +112,32 @@ def test_first_night_trains_and_promotes_every_organ(lab):
     assert (lab / "store/runs/nightly-2026-03-01/report.html").exists()
 
 
-def test_unchanged_night_trains_nothing(lab):
-    started = time.monotonic()
-    done = run_nightly(lab, "2026-03-02")
-    seconds = time.monotonic() - started
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_unchanged_night_trains_nothing_and_reads_nothing_that_grows(lab, monkeypatch, capsys):
+    """The night's cost must not grow with the archive: besides listing the source it
+    reads no image, no shard and no manifest (a row per image), and trains nothing.
+    Every object it touches in the store and the source is counted (the real local
+    storage, wrapped); the command runs in this process to be counted."""
+    touched = []
+    for method in ("get_bytes", "download", "path"):
+        real = getattr(LocalStorage, method)
+
+        def counting(storage, key, *args, _real=real, **kwargs):
+            touched.append(key)
+            return _real(storage, key, *args, **kwargs)
+
+        monkeypatch.setattr(LocalStorage, method, counting)
+    command = nightly_command(lab, "2026-03-02")[3:]  # the arguments after `-m organtrain`
+    assert main(command) == 0
+    stderr = capsys.readouterr().err
     rows = night_rows(lab, "2026-03-02")
     assert not any(r["changed"] or r["trained"] or r["promoted"] for r in rows.values())
     assert rows["lung"]["reason"] == "not retrained: unchanged since 2026-03-01"
     # No search ran: no sweep plan, no Ray started ("starting a local Ray" is its message).
     assert not (lab / "store/runs/nightly-2026-03-02/sweep.json").exists()
-    assert "starting a local Ray" not in done.stderr
-    print(f"unchanged night: {seconds:.1f} s")
+    assert "starting a local Ray" not in stderr
+    assert "history.parquet" in {k.rsplit("/", 1)[-1] for k in touched}, "nothing was counted"
+    grows = [k for k in touched if k.endswith((".png", ".tfrecord", "manifest.parquet"))]
+    assert grows == [], f"an unchanged night read {len(grows)} per-image objects: {grows[:5]}"
     assert len(history(lab)) == 4
 
 
