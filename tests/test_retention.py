@@ -6,7 +6,12 @@ never finished and pool shards nothing lists. gc and `prepare` share the dataset
 neither runs while the other holds it.
 """
 
+import json
+import socket
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,7 @@ from organtrain.data import neardup, retention
 from organtrain.data.dataset import fetch_shard, load_dataset, shard_object_key, signatures_key
 from organtrain.data.prepare import DatasetLocked, prepare
 from organtrain.errors import DataError
+from organtrain.runlocks import organ_lock, run_lock
 from organtrain.storage import LocalStorage, open_storage
 
 LEFTOVER_SHARD = "datasets/t/shards/lung/train-" + "0" * 64 + ".tfrecord"
@@ -97,6 +103,41 @@ def test_gc_keeps_exactly_what_is_referenced(tmp_path, request, backend, capsys)
     # Nothing left to remove: a second gc removes nothing.
     assert main(["datasets", "gc", "--keep", "1", *args]) == 0
     assert "removed 0 version(s) and 0 pool shard(s)" in capsys.readouterr().out
+
+
+def test_gc_keeps_the_version_a_running_sweep_or_train_reads(tmp_path, capsys):
+    """A version only a running run reads stays while its lock is held by a live process
+    (a sweep: its plan names the version; a train: its organ's checkpoint does), and goes
+    once the holder is gone."""
+    store = tmp_path / "store"
+    v = three_versions(tmp_path, str(store))
+    storage, (_, middle, _) = v.storage, v.versions
+    args = ["datasets", "gc", "--keep", "1", "--dataset", "t", "--storage", str(store)]
+    plan = {"run_id": "sweep-1", "dataset": "t", "dataset_version": middle}
+    storage.put_bytes("runs/sweep-1/sweep.json", json.dumps(plan).encode())
+    state = {"dataset_version": middle, "monitor": "val_loss", "epoch": 3}
+    storage.put_bytes("runs/train-1/lung/checkpoint/state.json", json.dumps(state).encode())
+
+    with run_lock(storage, "sweep-1"):  # held by this live process
+        assert main(["datasets", "list", "--dataset", "t", "--storage", str(store)]) == 0
+        assert f"{middle}" in (listed := capsys.readouterr().out)
+        assert "; read by running run sweep-1" in listed
+        assert main(args) == 0
+    assert f"kept: {middle} (read by running run sweep-1)" in capsys.readouterr().out
+    with organ_lock(storage, "train-1", "lung"):
+        assert main(args) == 0
+    assert f"kept: {middle} (read by running run train-1)" in capsys.readouterr().out
+
+    # A lock whose holder died on this host reads no version: the version goes.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = {"what": "run sweep-1", "host": socket.gethostname(), "pid": dead.pid,
+              "heartbeat": time.time()}  # fmt: skip
+    storage.put_bytes("locks/runs/sweep-1.json", json.dumps(record).encode())
+    assert main(args) == 0
+    assert f"  removed: {middle}" in capsys.readouterr().out
+    with pytest.raises(DataError, match="never completed"):
+        load_dataset(storage, "t", middle)
 
 
 class HeldBeforeIndex(LocalStorage):

@@ -249,9 +249,10 @@ def _run_datasets(args) -> None:
                 print(f"  {v.version}  incomplete (no dataset.json), {v.own_bytes} bytes")
                 continue
             models = f"; models: {', '.join(v.models)}" if v.models else ""
+            runs = f"; read by running {', '.join(v.runs)}" if v.runs else ""
             print(f"{'*' if v.latest else ' '} {v.version}  {v.created_at}  {v.index.images} "
                   f"images, {len(v.index.shards)} shards, format {v.index.format}"
-                  f"{models}{'' if v.version in kept else '; gc removes it'}")  # fmt: skip
+                  f"{models}{runs}{'' if v.version in kept else '; gc removes it'}")  # fmt: skip
         return
     keep = retention.DEFAULT_KEEP if args.keep is None else args.keep
     result = retention.gc(storage, dataset, keep=keep, dry_run=args.dry_run)

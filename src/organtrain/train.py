@@ -52,10 +52,10 @@ from organtrain.data.pipeline import (
 from organtrain.errors import ConfigError, DataError
 from organtrain.metrics import BalancedAccuracy
 from organtrain.models import build_model, loss_scaled, precision_policy
+from organtrain.runlocks import organ_lock
 from organtrain.search.job import trial_prefix
 from organtrain.stain import normalization_layer, training_reference
 from organtrain.storage import Storage, join_key
-from organtrain.storage.lock import LockHeld, StorageLock
 from organtrain.strategy import make_strategy
 from organtrain.tensorboard import EpochLog, train_log_prefix
 
@@ -89,34 +89,6 @@ class TrainResult:
     # Where the training images were cached, the shuffle buffer and the memory budget
     # (data.pipeline.InputPlan); a sweep's trials report theirs to Tune (input_cache, ...).
     input_plan: dict | None = None
-
-
-# A lock's holder rewrites it every 30 s (storage.lock.HEARTBEAT_S); one not rewritten for
-# 10 minutes belongs to a process that died on another host (on this host, a dead
-# holder's lock is taken over at once).
-RUN_LOCK_STALE_S = 600
-
-
-class RunLocked(LockHeld):
-    """Another live `sweep` or `train` is writing this run id (exit code 3)."""
-
-
-def run_lock(storage: Storage, run_id: str) -> StorageLock:
-    """`locks/runs/<run_id>.json`, held by a sweep for its whole run. Outside `runs/`, so
-    the readers of a run (report, status) never see it."""
-    return StorageLock(
-        storage, join_key("locks", "runs", f"{run_id}.json"), what=f"run {run_id}",
-        stale_after=RUN_LOCK_STALE_S, error=RunLocked,
-    )  # fmt: skip
-
-
-def organ_lock(storage: Storage, run_id: str, organ: str) -> StorageLock:
-    """`locks/runs/<run_id>/<organ>.json`, held by whoever writes runs/<run_id>/<organ>/:
-    a `train` of that organ, or a sweep for each organ it searches."""
-    return StorageLock(
-        storage, join_key("locks", "runs", run_id, f"{organ}.json"),
-        what=f"{organ} of run {run_id}", stale_after=RUN_LOCK_STALE_S, error=RunLocked,
-    )  # fmt: skip
 
 
 # Fields that may change between a run and its resumption without changing what is trained:

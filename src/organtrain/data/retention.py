@@ -1,8 +1,10 @@
 """`organtrain datasets list | gc`: a dataset's versions, and removing the ones not kept.
 
 A version is kept when it is one of the `keep` newest (by the time it was written), the one
-LATEST.json names, or the dataset version a registered model was trained on (its model card
-and champion/challenger comparisons point at it). Everything else goes: a removed version's
+LATEST.json names, the dataset version a registered model was trained on (its model card
+and champion/challenger comparisons point at it), or the one a running `sweep` or `train`
+reads (its run or organ lock is held by a live process, and its plan, sweep.json, or its
+organ's checkpoint names the version). Everything else goes: a removed version's
 dataset.json first (the version disappears in one step, as it appeared), then the rest of
 its folder; a folder without dataset.json (a run that never finished) too; then every pool
 object (shard, or a shard's signature table) no kept version lists. A crash part-way
@@ -32,11 +34,17 @@ from organtrain.data.dataset import (
     pool_objects,
 )
 from organtrain.errors import ConfigError, DataError, ObjectNotFoundError
+from organtrain.runlocks import RUN_LOCK_STALE_S, RUN_LOCKS
 from organtrain.storage import Storage, join_key
+from organtrain.storage.lock import StorageLock
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP = 3
+# The files naming the dataset version a running `sweep` or `train` reads (search/sweep.py's
+# plan, checkpoint.py's state); both import TensorFlow, hence the names here.
+SWEEP_PLAN = "sweep.json"
+CHECKPOINT_STATE = "checkpoint/state.json"
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class VersionInfo:
     own_bytes: int  # the objects under its folder (old formats: its shards too)
     latest: bool  # LATEST.json names it
     models: list[str] = field(default_factory=list)  # "organ/model-version" trained on it
+    runs: list[str] = field(default_factory=list)  # running sweeps and trains reading it
 
     @property
     def created_at(self) -> str:
@@ -82,13 +91,15 @@ def dataset_versions(storage: Storage, dataset: str) -> list[VersionInfo]:
         raise DataError(f"no dataset {dataset!r} in {storage.uri}: nothing to list")
     latest = _latest(storage, dataset)
     models = _models_by_version(storage, dataset)
+    running = _runs_by_version(storage)
     found = []
     for version, size in sizes.items():
         try:
             index = DatasetIndex.from_json(storage.get_bytes(join_key(root, version, INDEX)))
         except ObjectNotFoundError:
             index = None
-        found.append(VersionInfo(version, index, size, version == latest, models[version]))
+        found.append(VersionInfo(version, index, size, version == latest, models[version],
+                                 running[version]))  # fmt: skip
     return sorted(found, key=VersionInfo.age_key, reverse=True)
 
 
@@ -134,6 +145,8 @@ def kept_versions(versions: list[VersionInfo], keep: int) -> dict[str, str]:
             why[v.version].append("LATEST.json names it")
         if v.models:
             why[v.version].append("models trained on it: " + ", ".join(v.models))
+        if v.runs:
+            why[v.version].append("read by running " + ", ".join(v.runs))
     return {version: "; ".join(reasons) for version, reasons in why.items()}
 
 
@@ -160,4 +173,27 @@ def _models_by_version(storage: Storage, dataset: str) -> dict[str, list[str]]:
         for model in registry.versions(storage, organ):
             if model.dataset == dataset:
                 found[model.dataset_version].append(f"{organ}/{model.version}")
+    return found
+
+
+def _runs_by_version(storage: Storage) -> dict[str, list[str]]:
+    """dataset version -> the runs reading it now: each run or organ lock a live process
+    holds, with the version its sweep plan or its organ's checkpoint names. (A `train`
+    that has not written its first checkpoint reads the version LATEST.json named when it
+    started, which gc keeps while it is the newest.)"""
+    found: dict[str, list[str]] = defaultdict(list)
+    for info in storage.list(RUN_LOCKS):
+        held = info.key.removeprefix(RUN_LOCKS + "/").removesuffix(".json")
+        run_id, _, organ = held.partition("/")
+        lock = StorageLock(storage, info.key, what=held, stale_after=RUN_LOCK_STALE_S)
+        if lock.live_holder() is None:
+            continue
+        named = join_key("runs", run_id, organ, CHECKPOINT_STATE) if organ else None
+        for key in filter(None, [join_key("runs", run_id, SWEEP_PLAN), named]):
+            try:
+                version = json.loads(storage.get_bytes(key)).get("dataset_version")
+            except (ObjectNotFoundError, ValueError):
+                continue
+            if version and f"run {run_id}" not in found[version]:
+                found[version].append(f"run {run_id}")
     return found

@@ -29,16 +29,11 @@ from organtrain.console import notice
 from organtrain.data.dataset import load_dataset
 from organtrain.data.manifest import parquet_bytes
 from organtrain.errors import ConfigError, OrgantrainError
+from organtrain.runlocks import organ_lock, run_lock
 from organtrain.search.job import SweepJob, expected_replicas, progress_key, trial_prefix
 from organtrain.signals import interrupt_on
 from organtrain.storage import Storage, join_key, open_storage
-from organtrain.train import (
-    RESULT,
-    organ_lock,
-    require_same_settings,
-    run_lock,
-    trial_settings,
-)
+from organtrain.train import RESULT, require_same_settings, trial_settings
 
 log = logging.getLogger(__name__)
 

@@ -89,6 +89,12 @@ class StorageLock:
         except (ObjectNotFoundError, ValueError):
             return None
 
+    def live_holder(self) -> dict | None:
+        """The holder's record while a live process holds the lock; None when it is free,
+        unreadable, or left by a holder that stopped (it would be taken over)."""
+        holder = self.holder()
+        return holder if holder is not None and not self._stale(holder) else None
+
     def _stale(self, holder: dict) -> bool:
         if time.time() - holder.get("heartbeat", 0) > self.stale_after:
             return True
